@@ -1,0 +1,53 @@
+# cl_vla: `make run` trains the embedded default, `make test` runs the test suite.
+# Both install what is missing first (a virtualenv in .venv, system libraries where we are root).
+SHELL := /bin/bash
+VENV  ?= .venv
+PY    := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+ARGS  ?=
+
+export HF_HUB_OFFLINE ?= 1
+export WANDB_MODE ?= offline
+export MUJOCO_GL ?= egl
+export PYOPENGL_PLATFORM ?= egl
+
+.PHONY: help install sysdeps run test test-fast lint format bench clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	@set -e; py=$$(scripts/find-python.sh); \
+	  [ -x $(PY) ] || { echo "creating $(VENV) with $$py"; "$$py" -m venv $(VENV); }; \
+	  $(PY) -m pip install -q --upgrade pip; \
+	  echo "installing cl_vla and its dependencies into $(VENV) (first time: a few minutes)"; \
+	  $(PY) -m pip install -q -e ".[dev]"; \
+	  touch $(STAMP)
+
+install: $(STAMP) sysdeps  ## create .venv and install cl_vla with its dev tools
+
+sysdeps:  ## install the system libraries for rendering and video decoding (when root)
+	@scripts/system-deps.sh
+
+run: install  ## train the embedded default (make run ARGS="algorithm=sequential")
+	$(PY) train.py $(ARGS)
+
+test: install  ## run the whole test suite offline on CPU
+	$(PY) -m pytest -q $(ARGS)
+
+test-fast: install  ## the tests without the slow end-to-end ones
+	$(PY) -m pytest -q -m "not slow and not ddp" $(ARGS)
+
+lint: install  ## ruff check and format check
+	$(PY) -m ruff check src tests train.py experiments
+	$(PY) -m ruff format --check src tests train.py experiments
+
+format: install  ## apply ruff fixes and formatting
+	$(PY) -m ruff check --fix src tests train.py experiments
+	$(PY) -m ruff format src tests train.py experiments
+
+bench: install  ## speed and memory benchmarks (prints figures and ratios)
+	$(PY) -m cl_vla.bench $(ARGS)
+
+clean:  ## remove generated runs and caches (keeps .venv)
+	rm -rf outputs multirun wandb lightning_logs .pytest_cache .ruff_cache

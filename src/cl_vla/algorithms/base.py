@@ -1,0 +1,119 @@
+"""The interface every continual-learning algorithm implements.
+
+The continual loop (:mod:`cl_vla.loop`) talks to an algorithm only through these hooks, so a new
+method is one file in this package plus one YAML in ``conf/algorithm/``; the loop never branches on
+the algorithm's type.
+
+Order of calls for one task ``t`` (each rank under DDP calls every hook):
+
+    on_task_start(t, ctx)
+    training_tasks(t)          -> which tasks' frames form the current stream (multitask: all so far)
+    replay_indices(n, rng)     -> dataset indices mixed into each batch at ``replay_batch_ratio``
+                                  (drawn by the DataLoader's batch sampler; frames decoded by its workers)
+    for every step:
+        loss = policy loss + penalty(module, batch, outputs)
+        backward; after_backward(module, batch)     (gradient edits: GEM / A-GEM)
+        optimizer step; observe(batch, module=..., outputs=...)
+    on_task_end(t, ctx)        (ER fills its buffer, EWC computes Fisher, LwF snapshots a teacher)
+    state_dict()               -> saved with every checkpoint
+
+The first five abstract methods are the seed interface (``observe``, ``sample``, ``on_task_end``,
+``state_dict``, ``load_state_dict``); the rest have neutral defaults.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+
+@dataclass
+class TaskContext:
+    """What the loop hands to task-boundary hooks.
+
+    ``module`` is the LightningModule (``module.policy`` the lerobot policy); ``train_dataset`` the
+    current task's training frames (a :class:`~cl_vla.data.TaskFilteredDataset`, whose
+    ``frame_indices`` are indices into the shared LeRobot dataset); ``make_loader(dataset)`` builds a
+    DataLoader with the run's collate, workers and preprocessing; ``compute_loss(batch)`` runs the
+    policy's preprocessor and forward pass and returns ``(loss, outputs)``.
+    """
+
+    task_id: int
+    task_name: str
+    num_tasks: int
+    module: Any = None
+    train_dataset: Dataset | None = None
+    make_loader: Callable[..., Iterable[dict]] | None = None
+    compute_loss: Callable[[dict], tuple[torch.Tensor, dict]] | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    world_size: int = 1
+    rank: int = 0
+
+
+class CLAlgorithm(ABC):
+    """Interface every continual-learning algorithm must satisfy."""
+
+    #: Name used in configs and logs.
+    name: str = "base"
+
+    # ---- the seed's interface -------------------------------------------------------------------
+
+    @abstractmethod
+    def observe(self, batch: Mapping[str, Any], **kwargs: Any) -> None:
+        """Called every training step with the current task batch (after the optimizer step)."""
+
+    @abstractmethod
+    def sample(self, batch_size: int) -> Any:
+        """Return the algorithm's auxiliary artifact for this step (or None/empty to skip)."""
+
+    @abstractmethod
+    def on_task_end(self, task_id: int, context: TaskContext | None = None) -> None:
+        """Hook invoked after a task finishes."""
+
+    @abstractmethod
+    def state_dict(self) -> dict[str, Any]:
+        """Snapshot of the algorithm's full state: JSON-compatible values and tensors only."""
+
+    @abstractmethod
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a snapshot produced by :meth:`state_dict` exactly (nothing is re-sampled)."""
+
+    # ---- hooks added by cl_vla (neutral defaults) -------------------------------------------------
+
+    def on_task_start(self, task_id: int, context: TaskContext | None = None) -> None:
+        """Hook invoked before the first step of a task."""
+
+    def training_tasks(self, task_id: int) -> list[int]:
+        """Tasks whose frames form the current training stream; joint training widens this."""
+        return [task_id]
+
+    #: Share of every training batch drawn through :meth:`replay_indices` (0 disables replay).
+    replay_batch_ratio: float = 0.0
+
+    def replay_indices(self, num: int, rng: np.random.Generator) -> list[int]:
+        """``num`` stored references (indices into the shared LeRobot dataset) to replay this step.
+
+        Called by the batch sampler in the main process with a generator seeded by
+        (seed, task, rank, step), so ranks draw different samples and a resumed run draws the same
+        ones. An empty list means nothing to replay yet (the batch is filled from the current task).
+        """
+        return []
+
+    def penalty(self, module: Any, batch: Mapping[str, Any], outputs: Mapping[str, Any]) -> torch.Tensor | None:
+        """Extra loss term added to the policy loss inside ``training_step`` (EWC, SI, LwF...)."""
+        return None
+
+    def after_backward(self, module: Any, batch: Mapping[str, Any]) -> None:
+        """Edit gradients in place after ``backward`` and before the optimizer step (GEM, A-GEM)."""
+
+    def hparams(self) -> dict[str, Any]:
+        """Hyperparameters to log; defaults to the public scalar attributes."""
+        return {
+            k: v for k, v in vars(self).items() if not k.startswith("_") and isinstance(v, int | float | str | bool)
+        }
