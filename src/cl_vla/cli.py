@@ -1,0 +1,103 @@
+"""What ``train.py`` runs: validate the composed config, build the data, then train (or stop early)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from cl_vla.config import apply_seed_aliases
+from cl_vla.errors import CLVLAError, ConfigError, one_of
+
+log = logging.getLogger("cl_vla")
+
+
+def validate_config(cfg: DictConfig) -> DictConfig:
+    """Range checks the schema cannot express; fold the seed's aliases. One sentence per problem."""
+    cfg = apply_seed_aliases(cfg)
+    steps = cfg.continual_learning.steps_per_task
+    if steps <= 0:
+        raise ConfigError(f"continual_learning.steps_per_task={steps} is not allowed; it must be a positive integer.")
+    if cfg.data.batch_size <= 0:
+        raise ConfigError(f"data.batch_size={cfg.data.batch_size} is not allowed; it must be positive.")
+    if not 0.0 <= cfg.data.heldout_fraction < 1.0:
+        raise ConfigError(f"data.heldout_fraction={cfg.data.heldout_fraction} is not allowed; it must be in [0, 1).")
+    from cl_vla.data.stats import NormalizationChoice
+
+    NormalizationChoice.parse(cfg.data.normalization)
+    if cfg.eval.type not in ("heldout", "sim"):
+        raise ConfigError(f"eval.type={cfg.eval.type!r} is not allowed; choose {one_of(['heldout', 'sim'])}.")
+    if "_target_" not in cfg.algorithm:
+        raise ConfigError("algorithm has no _target_; pick a choice of conf/algorithm/ (e.g. algorithm=er).")
+    return cfg
+
+
+def build_algorithm(algo_cfg: Any):
+    """Instantiate the ``algorithm`` group, turning constructor errors into one sentence."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    node = OmegaConf.to_container(algo_cfg, resolve=True) if isinstance(algo_cfg, DictConfig) else dict(algo_cfg)
+    node.pop("name", None)
+    try:
+        return instantiate(node, _convert_="all")
+    except InstantiationException as e:
+        cause = e.__cause__ or e
+        if isinstance(cause, CLVLAError | ValueError):
+            raise ConfigError(str(cause).splitlines()[0]) from e
+        msg = str(cause).splitlines()[0]
+        raise ConfigError(f"algorithm={algo_cfg.get('name', '?')} could not be built: {msg}") from e
+
+
+def prepare_data(cfg: DictConfig, policy_type_cfg: Any | None = None):
+    """Open (or write) the dataset, resolve the sequence, split the episodes. Returns ContinualData."""
+    from lerobot.datasets.dataset_metadata import LeRobotDatasetMetadata
+    from lerobot.datasets.factory import resolve_delta_timestamps
+
+    from cl_vla.data.streams import build_continual_data, ensure_synthetic, open_dataset
+    from cl_vla.data.task_sequences import TaskSequence
+    from cl_vla.models import build_policy_config
+
+    seq = TaskSequence.from_mapping(OmegaConf.to_container(cfg.task_sequence, resolve=True))
+    if cfg.data.synthetic is not None:
+        ensure_synthetic(cfg.data, seq)
+    root = cfg.data.root
+    ds = open_dataset(cfg.data.repo_id, root, None, cfg.data.video_backend)  # validates root / hub first
+    meta: LeRobotDatasetMetadata = ds.meta
+    policy_cfg = build_policy_config(OmegaConf.to_container(cfg.model, resolve=True), meta)
+    delta = resolve_delta_timestamps(policy_cfg, meta)
+    if delta:
+        ds = open_dataset(cfg.data.repo_id, root, delta, cfg.data.video_backend)
+    data = build_continual_data(ds, seq, cfg.data.heldout_fraction, cfg.data.split_seed)
+    return data, policy_cfg
+
+
+def run_main(cfg: DictConfig) -> float | None:
+    """Hydra task function body; user errors become one line on stderr and exit code 2."""
+    from rich.console import Console
+
+    # Logs and CI have no terminal width; keep task names readable there.
+    console = Console(width=None if sys.stdout.isatty() else 140)
+    try:
+        cfg = validate_config(cfg)
+        algorithm = build_algorithm(cfg.algorithm)
+        data, policy_cfg = prepare_data(cfg)
+        console.print(_task_table(data))
+        if cfg.dry_run:
+            return None
+        from cl_vla.loop import run_continual
+
+        return run_continual(cfg, data, policy_cfg, algorithm, console=console)
+    except (CLVLAError, OmegaConfBaseException) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"error: {msg}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _task_table(data):
+    from cl_vla.data.streams import task_table
+
+    return task_table(data)

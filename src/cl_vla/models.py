@@ -1,0 +1,82 @@
+"""Policy configs from the ``model`` group: any lerobot policy type, plus our tiny_vla."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from cl_vla.errors import ConfigError, DataError, one_of
+from cl_vla.paths import conf_dir
+
+# Fields of the `model` group that are ours, not the lerobot config's.
+_OWN_KEYS = {"type", "pretrained_path"}
+
+
+def model_choices() -> list[str]:
+    return sorted(p.stem for p in (conf_dir() / "model").glob("*.yaml"))
+
+
+def _check_pretrained(model_type: str, path: str) -> None:
+    local = Path(path).expanduser()
+    if local.exists():
+        return
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    if offline or path.startswith((".", "/", "~")):
+        raise ConfigError(
+            f"model={model_type} needs pretrained weights {path!r}, which are neither a local directory nor "
+            "reachable (HF_HUB_OFFLINE=1); download them on a machine with hub access and set "
+            "model.pretrained_path=<local copy>."
+        )
+
+
+def build_policy_config(model_cfg: Mapping[str, Any], ds_meta: Any, device: str = "cpu") -> Any:
+    """A lerobot ``PreTrainedConfig`` with input/output features taken from the dataset.
+
+    Raises one-sentence errors for an unknown model type, unknown fields, absent pretrained weights,
+    and dataset features that lack what the policy needs.
+    """
+    import cl_vla.policies  # noqa: F401  (registers tiny_vla with lerobot's factory)
+    from lerobot.configs.policies import PreTrainedConfig
+    from lerobot.configs.types import FeatureType
+    from lerobot.utils.feature_utils import dataset_to_policy_features
+
+    model_cfg = dict(model_cfg)
+    model_type = model_cfg.get("type")
+    known = PreTrainedConfig.get_known_choices()
+    if model_type not in known:
+        raise ConfigError(f"model.type={model_type!r} is unknown; choose one of {one_of(model_choices())}.")
+    pretrained = model_cfg.get("pretrained_path")
+    if pretrained:
+        _check_pretrained(model_type, str(pretrained))
+    kwargs = {k: v for k, v in model_cfg.items() if k not in _OWN_KEYS}
+    cls = PreTrainedConfig.get_choice_class(model_type)
+    try:
+        cfg = cls(device=device, **kwargs)
+    except TypeError as e:
+        fields = sorted(getattr(cls, "__dataclass_fields__", {}))
+        bad = [k for k in kwargs if k not in fields]
+        raise ConfigError(
+            f"model={model_type} has no field(s) {bad or list(kwargs)}; see {cls.__name__} for the allowed ones."
+        ) from e
+    except ValueError as e:
+        raise ConfigError(f"model={model_type}: {e}".splitlines()[0]) from e
+    if pretrained:
+        cfg.pretrained_path = str(pretrained)
+
+    features = dataset_to_policy_features(ds_meta.features)
+    cfg.output_features = {k: f for k, f in features.items() if f.type is FeatureType.ACTION}
+    cfg.input_features = {k: f for k, f in features.items() if k not in cfg.output_features}
+    if not cfg.output_features:
+        raise DataError(f"Dataset {ds_meta.repo_id!r} has no 'action' feature; a policy needs one to learn.")
+    if not cfg.image_features and not getattr(cfg, "robot_state_feature", None):
+        raise DataError(
+            f"Dataset {ds_meta.repo_id!r} has neither image ('observation.images.*') nor state "
+            "('observation.state') features; model={model_type} needs at least one."
+        )
+    try:
+        cfg.validate_features()
+    except (ValueError, KeyError) as e:
+        raise DataError(f"Dataset {ds_meta.repo_id!r} does not fit model={model_type}: {e}".splitlines()[0]) from e
+    return cfg
