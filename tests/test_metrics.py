@@ -1,0 +1,267 @@
+"""Continual-learning metrics against numbers worked out by hand."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from cl_vla.metrics import (
+    LEVEL_METRICS,
+    SCALAR_METRICS,
+    CLMetrics,
+    compute_metrics,
+    last_filled_row,
+    validate_matrix,
+)
+
+# Success rates: rows = after training task i, columns = evaluated task j.
+R3 = [
+    [0.8, 0.1, 0.0],
+    [0.6, 0.9, 0.2],
+    [0.5, 0.7, 0.9],
+]
+BASELINE3 = [0.0, 0.05, 0.1]
+WITHIN3 = [[0.2, 0.9, 0.8], [0.5, 0.9], [0.3, 0.6, 0.9]]
+
+# Held-out action losses (lower is better).
+LOSS3 = [
+    [0.2, 0.9, 1.0],
+    [0.5, 0.1, 0.8],
+    [0.6, 0.3, 0.15],
+]
+LOSS_BASELINE3 = [1.0, 1.0, 1.2]
+
+
+def approx(x: float) -> object:
+    return pytest.approx(x, abs=1e-12)
+
+
+def test_hand_example_3x3() -> None:
+    m = compute_metrics(R3, baseline=BASELINE3)
+    assert m["num_tasks"] == 3 and m["tasks_learned"] == 3 and m["higher_is_better"] is True
+    assert m["acc"] == approx(0.7)  # (0.5 + 0.7 + 0.9) / 3
+    assert m["acc_all"] == approx(0.7)
+    assert m["learning_accuracy"] == approx(2.6 / 3)  # (0.8 + 0.9 + 0.9) / 3
+    assert m["bwt"] == approx(-0.25)  # ((0.5 - 0.8) + (0.7 - 0.9)) / 2
+    assert m["fwt"] == approx(0.075)  # ((0.1 - 0.05) + (0.2 - 0.1)) / 2
+    assert m["forgetting_per_task"] == [approx(0.3), approx(0.2), None]  # 0.8-0.5, 0.9-0.7
+    assert m["forgetting"] == approx(0.25)
+    assert m["max_forgetting"] == approx(0.3)
+
+
+def test_libero_metrics_without_within_task_use_the_diagonal() -> None:
+    m = compute_metrics(R3)
+    assert m["fwt"] is None  # no baseline
+    assert m["libero_fwt"] == approx(2.6 / 3)  # mean of the diagonal
+    # NBT_0 = ((0.8-0.6) + (0.8-0.5)) / 2 = 0.25, NBT_1 = 0.9 - 0.7 = 0.2; the last task has none.
+    assert m["libero_nbt"] == approx(0.225)
+    # AUC_0 = (0.8+0.6+0.5)/3, AUC_1 = (0.9+0.7)/2 = 0.8, AUC_2 = 0.9
+    assert m["libero_auc"] == approx((1.9 / 3 + 0.8 + 0.9) / 3)
+
+
+def test_libero_metrics_with_within_task_points() -> None:
+    m = compute_metrics(R3, within_task=WITHIN3)
+    # FWT_k = mean within-task points: 1.9/3, 1.4/2 = 0.7, 1.8/3 = 0.6
+    assert m["libero_fwt"] == approx((1.9 / 3 + 0.7 + 0.6) / 3)
+    # c_kk = best within-task point = 0.9 for both: NBT_0 = (0.3 + 0.4) / 2 = 0.35, NBT_1 = 0.2
+    assert m["libero_nbt"] == approx(0.275)
+    # AUC_0 = (1.9/3 + 0.6 + 0.5)/3, AUC_1 = (0.7 + 0.7)/2 = 0.7, AUC_2 = 0.6
+    assert m["libero_auc"] == approx(((1.9 / 3 + 1.1) / 3 + 0.7 + 0.6) / 3)
+    # The classic metrics do not depend on the within-task points.
+    assert m["bwt"] == approx(-0.25)
+
+
+def test_partial_matrix_reports_the_metrics_so_far() -> None:
+    R = np.array(R3)
+    R[2] = np.nan
+    m = compute_metrics(R, baseline=BASELINE3, within_task=[[0.9], [0.9], None])
+    assert m["tasks_learned"] == 2
+    assert m["acc"] == approx(0.75)  # (0.6 + 0.9) / 2
+    assert m["acc_all"] == approx(1.7 / 3)  # (0.6 + 0.9 + 0.2) / 3
+    assert m["learning_accuracy"] == approx(0.85)
+    assert m["bwt"] == approx(-0.2)  # 0.6 - 0.8
+    assert m["fwt"] == approx(0.075)  # both terms use rows 0 and 1 only
+    assert m["forgetting_per_task"] == [approx(0.2), None, None]
+    assert m["forgetting"] == approx(0.2)
+    assert m["libero_nbt"] == approx(0.3)  # best 0.9 - 0.6
+    assert m["libero_auc"] == approx(((0.9 + 0.6) / 2 + 0.9) / 2)
+
+
+def test_single_row_and_empty_matrix_never_crash() -> None:
+    R = np.full((3, 3), np.nan)
+    empty = compute_metrics(R, baseline=BASELINE3)
+    assert empty["tasks_learned"] == 0
+    assert all(empty[k] is None for k in SCALAR_METRICS)
+    assert empty["forgetting_per_task"] == [None, None, None]
+
+    R[0] = [0.4, 0.2, 0.1]
+    one = compute_metrics(R, baseline=BASELINE3)
+    assert one["acc"] == approx(0.4) and one["acc_all"] == approx(0.7 / 3)
+    assert one["bwt"] is None and one["forgetting"] is None and one["libero_nbt"] is None
+    assert one["fwt"] == approx(0.15)  # only term j=1: 0.2 - 0.05
+    assert one["libero_auc"] == approx(0.4)
+
+
+def test_one_task_sequence() -> None:
+    m = compute_metrics([[0.7]], baseline=[0.1])
+    assert m["acc"] == approx(0.7)
+    assert m["bwt"] is None and m["fwt"] is None and m["forgetting"] is None
+
+
+def test_loss_matrix_sign_convention() -> None:
+    m = compute_metrics(LOSS3, higher_is_better=False, baseline=LOSS_BASELINE3)
+    # Level metrics stay in loss units.
+    assert m["acc"] == approx(0.35)  # (0.6 + 0.3 + 0.15) / 3
+    assert m["learning_accuracy"] == approx(0.15)  # (0.2 + 0.1 + 0.15) / 3
+    assert m["libero_fwt"] == approx(0.15)
+    assert m["libero_auc"] == approx((1.3 / 3 + 0.2 + 0.15) / 3)
+    # Losses went up on old tasks: negative BWT, positive forgetting, exactly as for success rates.
+    assert m["bwt"] == approx(-0.3)  # -((0.6 - 0.2) + (0.3 - 0.1)) / 2
+    assert m["forgetting_per_task"] == [approx(0.4), approx(0.2), None]  # 0.6-0.2, 0.3-0.1
+    assert m["forgetting"] == approx(0.3)
+    assert m["max_forgetting"] == approx(0.4)
+    assert m["libero_nbt"] == approx(0.275)  # ((0.5-0.2) + (0.6-0.2))/2 = 0.35 and 0.3-0.1 = 0.2
+    # Zero-shot loss below the untrained model's: positive forward transfer.
+    assert m["fwt"] == approx(0.25)  # ((1.0 - 0.9) + (1.2 - 0.8)) / 2
+
+
+def test_loss_forgetting_uses_the_lowest_loss_as_best() -> None:
+    # Task 0's loss dips to 0.1 after task 1, then rises to 0.4: forgetting is 0.3 from the best.
+    L = [[0.3, 1.0, 1.0], [0.1, 0.2, 1.0], [0.4, 0.2, 0.2]]
+    m = compute_metrics(L, higher_is_better=False)
+    assert m["forgetting_per_task"][0] == approx(0.3)
+    assert m["forgetting_per_task"][1] == approx(0.0)
+
+
+def test_loss_within_task_best_is_the_minimum() -> None:
+    L = [[0.3, 1.0], [0.5, 0.2]]
+    m = compute_metrics(L, higher_is_better=False, within_task=[[0.9, 0.25, 0.3], [0.6, 0.2]])
+    assert m["libero_nbt"] == approx(0.25)  # best 0.25 -> 0.5
+    assert m["libero_fwt"] == approx(((0.9 + 0.25 + 0.3) / 3 + 0.4) / 2)
+
+
+def test_forgetting_ignores_zero_shot_rows() -> None:
+    # Task 1 scored 0.9 zero-shot before it was learned; that is not counted as forgotten.
+    R = [[0.5, 0.9, 0.0], [0.5, 0.6, 0.0], [0.5, 0.6, 0.7]]
+    assert compute_metrics(R)["forgetting_per_task"][:2] == [approx(0.0), approx(0.0)]
+
+
+def test_cl_metrics_dataclass() -> None:
+    cm = CLMetrics.from_matrix(R3)
+    assert cm.to_dict() == compute_metrics(R3)
+    scalars = cm.scalars()
+    assert "fwt" not in scalars and scalars["bwt"] == approx(-0.25)
+    assert all(isinstance(v, float) for v in scalars.values())
+
+
+def test_last_filled_row() -> None:
+    R = np.full((3, 3), np.nan)
+    assert last_filled_row(R) == -1
+    R[:2] = 0.5
+    assert last_filled_row(R) == 1
+
+
+@pytest.mark.parametrize(
+    ("R", "message"),
+    [
+        (np.zeros((2, 3)), "square"),
+        (np.zeros(3), "square"),
+        (np.zeros((0, 0)), "at least one task"),
+        ([[0.1, "x"], [0.2, 0.3]], "floats"),
+        ([[0.1, math.inf], [0.2, 0.3]], "infinite"),
+        ([[0.1, math.nan], [0.2, 0.3]], "partly filled"),
+        ([[math.nan, math.nan], [0.2, 0.3]], "task order"),
+    ],
+)
+def test_validate_matrix_errors(R: object, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        validate_matrix(R)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=message):
+        compute_metrics(R)  # type: ignore[arg-type]
+
+
+def test_validate_matrix_reads_none_as_nan_and_copies() -> None:
+    src = np.array([[0.1, 0.2], [np.nan, np.nan]])
+    out = validate_matrix(src)
+    out[0, 0] = 9.0
+    assert src[0, 0] == 0.1
+    assert np.isnan(validate_matrix([[0.1, 0.2], [None, None]])[1]).all()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"baseline": [0.0, 0.1]}, "shape"),
+        ({"baseline": [0.0, math.nan, 0.0]}, "finite"),
+        ({"within_task": [[0.1], [0.2]]}, "sequence of 3"),
+        ({"within_task": [[0.1], [], [0.3]]}, r"within_task\[1\]"),
+        ({"within_task": [[0.1], [0.2], [math.inf]]}, "finite"),
+    ],
+)
+def test_bad_side_inputs(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        compute_metrics(R3, **kwargs)
+
+
+unit = st.floats(0.0, 1.0, allow_nan=False)
+
+
+@st.composite
+def square(draw: st.DrawFn) -> np.ndarray:
+    n = draw(st.integers(1, 6))
+    return draw(arrays(np.float64, (n, n), elements=unit))
+
+
+@settings(max_examples=60, deadline=None)
+@given(square(), st.booleans())
+def test_no_change_after_learning_means_no_forgetting(A: np.ndarray, higher_is_better: bool) -> None:
+    # Freeze each column from its diagonal on: performance never changes once a task is learned.
+    R = A.copy()
+    for j in range(len(R)):
+        R[j:, j] = R[j, j]
+    m = compute_metrics(R, higher_is_better=higher_is_better)
+    if len(R) > 1:
+        assert m["bwt"] == approx(0.0)
+        assert m["forgetting"] == approx(0.0)
+        assert m["libero_nbt"] == approx(0.0)
+    assert m["acc"] == approx(float(np.mean(np.diag(R))))
+
+
+@settings(max_examples=60, deadline=None)
+@given(square())
+def test_loss_view_is_the_negated_success_view(A: np.ndarray) -> None:
+    base = np.linspace(0.1, 0.2, len(A))
+    up = compute_metrics(A, baseline=base)
+    down = compute_metrics(-A, higher_is_better=False, baseline=-base)
+    for key in SCALAR_METRICS:
+        if up[key] is None:
+            assert down[key] is None
+        else:
+            # Level metrics stay in R's units (negated), difference metrics keep their sign.
+            expected = -up[key] if key in LEVEL_METRICS else up[key]
+            assert down[key] == pytest.approx(expected, abs=1e-9)
+
+
+@settings(max_examples=60, deadline=None)
+@given(square())
+def test_forgetting_bounds(A: np.ndarray) -> None:
+    m = compute_metrics(A)
+    if len(A) > 1:
+        # f_j >= R[j,j] - R[L,j] term by term, so forgetting is at least -BWT.
+        assert m["forgetting"] >= -m["bwt"] - 1e-12
+        assert m["max_forgetting"] >= m["forgetting"] - 1e-12
+    assert 0.0 <= m["acc"] <= 1.0 and 0.0 <= m["libero_auc"] <= 1.0
+
+
+def test_perfect_learner_without_zero_shot_transfer() -> None:
+    # Every task solved once learned and never forgotten, nothing solved zero-shot.
+    R = np.tril(np.ones((4, 4)))
+    m = compute_metrics(R, baseline=np.zeros(4))
+    assert m["acc"] == 1.0 and m["learning_accuracy"] == 1.0 and m["libero_auc"] == 1.0
+    assert m["bwt"] == 0.0 and m["forgetting"] == 0.0 and m["fwt"] == 0.0 and m["libero_nbt"] == 0.0
+    assert m["acc_all"] == 1.0
