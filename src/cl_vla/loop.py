@@ -1,0 +1,256 @@
+"""The continual loop: one Lightning Trainer carried through every task of the sequence.
+
+One Trainer (not one per task) keeps a single monotonic global step, one set of loggers and one DDP
+process group for the whole run; each task is one ``trainer.fit`` whose ``max_steps`` is raised to the
+task's end (Lightning counts steps across fits; ``fit_loop.epoch_loop.max_steps`` is settable). The
+loop never looks at the algorithm's type: everything an algorithm does goes through its hooks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+
+from cl_vla.algorithms.base import CLAlgorithm, TaskContext
+from cl_vla.checkpointing import (
+    STATE_FILE,
+    AtomicCheckpointIO,
+    RunState,
+    atomic_write_json,
+    check_fingerprint,
+    resolve_resume,
+    rng_state,
+    set_rng_state,
+)
+from cl_vla.data.datamodule import ContinualDataModule
+from cl_vla.data.stats import NormalizationChoice, flatten_stats, select_stats, unflatten_stats
+from cl_vla.data.streams import ContinualData
+from cl_vla.evaluation import evaluate_heldout
+from cl_vla.module import CLPolicyModule
+from cl_vla.run_logging import TaskProgressBar, build_loggers, log_final, log_row
+
+
+def _fingerprint(cfg: DictConfig, data: ContinualData) -> dict[str, Any]:
+    """What must not change between a run and its resumption."""
+    return {
+        "task_sequence": data.task_names,
+        "model": cfg.model.type,
+        "algorithm": cfg.algorithm.get("name", cfg.algorithm["_target_"]),
+        "steps_per_task": int(cfg.continual_learning.steps_per_task),
+        "seed": int(cfg.seed),
+        "batch_size": int(cfg.data.batch_size),
+        "world_size": int(cfg.trainer.devices) * int(cfg.trainer.num_nodes) if cfg.trainer.strategy != "auto" else 1,
+    }
+
+
+class ContinualRun:
+    """State and wiring of one run; :func:`run_continual` drives it."""
+
+    def __init__(self, cfg: DictConfig, data: ContinualData, policy_cfg: Any, algorithm: CLAlgorithm) -> None:
+        self.cfg, self.data, self.algorithm = cfg, data, algorithm
+        self.S = int(cfg.continual_learning.steps_per_task)
+        self.T = data.num_tasks
+        self.resume_ckpt: Path | None = None
+        if cfg.resume:
+            self.run_dir, self.resume_ckpt, self.state = resolve_resume(cfg.resume)
+            check_fingerprint(self.state.fingerprint, _fingerprint(cfg, data), self.resume_ckpt)
+        else:
+            self.run_dir = Path(cfg.output_dir)
+            self.state = RunState(self.T, data.task_names, _fingerprint(cfg, data))
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+
+        from lerobot.policies.factory import make_policy
+
+        self.policy_cfg = policy_cfg
+        self.policy = make_policy(policy_cfg, ds_meta=data.dataset.meta)
+        self.norm = NormalizationChoice.parse(cfg.data.normalization)
+        self.stats: dict | None = None
+        t = cfg.trainer
+        self.module = CLPolicyModule(
+            self.policy, lambda b: b, None, algorithm,
+            lr=t.lr, weight_decay=t.weight_decay, warmup_steps=t.warmup_steps, min_lr_ratio=t.min_lr_ratio,
+            steps_per_task=self.S, reset_optimizer_per_task=t.reset_optimizer_per_task,
+        )  # fmt: skip
+        self.module.save_extra = self._save_extra
+        self.module.load_extra = self._load_extra
+        self.module.after_step = self._after_step
+        self.dm = ContinualDataModule(
+            data, algorithm, batch_size=cfg.data.batch_size, eval_batch_size=cfg.data.eval_batch_size,
+            num_workers=cfg.data.num_workers, seed=int(cfg.seed), steps_per_task=self.S,
+        )  # fmt: skip
+        self.loggers = build_loggers(cfg, self.run_dir, self.run_dir.name)
+        self.progress = TaskProgressBar(self.T, data.task_names) if t.progress_bar else None
+        self.trainer = L.Trainer(
+            accelerator=t.accelerator, devices=t.devices, strategy=t.strategy, num_nodes=t.num_nodes,
+            precision=t.precision, max_steps=self.S, max_epochs=-1, logger=self.loggers or False,
+            callbacks=[self.progress] if self.progress else [], enable_progress_bar=self.progress is not None,
+            enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0,
+            limit_val_batches=0, use_distributed_sampler=False, log_every_n_steps=t.log_every_n_steps,
+            gradient_clip_val=t.grad_clip_norm, deterministic=t.deterministic or None,
+            default_root_dir=str(self.run_dir), plugins=[AtomicCheckpointIO()], reload_dataloaders_every_n_epochs=1,
+        )  # fmt: skip
+        self._reset_optimizer_after_restore = False
+
+    # ---- normalization ------------------------------------------------------------------------------
+
+    def _use_stats(self, stats: dict) -> None:
+        from lerobot.policies.factory import make_pre_post_processors
+
+        self.stats = stats
+        pre, post = make_pre_post_processors(self.policy_cfg, dataset_stats=stats)
+        self.module.preprocessor, self.module.postprocessor = pre, post
+
+    def _stats_for_task(self, task: int) -> None:
+        if self.stats is not None and (self.norm is not NormalizationChoice.SEEN_TASKS or task == 0):
+            return  # dataset / first-task statistics are decided once and kept (and restored on resume)
+        train_eps = [s.train_episodes for s in self.data.streams]
+        self._use_stats(select_stats(self.norm, self.data.dataset.meta, train_eps, task))
+
+    # ---- checkpoint extras --------------------------------------------------------------------------
+
+    def _save_extra(self, ckpt: dict) -> None:
+        ckpt["cl_vla"] = {
+            "state": json.dumps(self.state.to_json()),
+            "algorithm": self.algorithm.state_dict(),
+            "normalization": flatten_stats(self.stats or {}),
+            "rng": rng_state(),
+        }
+
+    def _load_extra(self, ckpt: dict) -> None:
+        extra = ckpt["cl_vla"]
+        self.algorithm.load_state_dict(extra["algorithm"])
+        self._use_stats({k: {s: v for s, v in d.items()} for k, d in unflatten_stats(extra["normalization"]).items()})
+        set_rng_state(extra["rng"])
+        # A task-boundary checkpoint resumes into a new task: its optimizer starts afresh when configured so.
+        self._reset_optimizer_after_restore = self.state.step_in_task == 0 and self.cfg.trainer.reset_optimizer_per_task
+
+    def save(self, name: str) -> None:
+        path = self.ckpt_dir / name
+        self.state.checkpoint = name
+        self.trainer.save_checkpoint(path, weights_only=False)
+        if self.trainer.is_global_zero:
+            atomic_write_json(self.ckpt_dir / STATE_FILE, {"checkpoint": name, **self.state.to_json()})
+
+    def _after_step(self, task: int, step: int) -> None:
+        self.state.task, self.state.step_in_task = task, step
+        every = int(self.cfg.trainer.checkpoint_every_n_steps)
+        if every > 0 and step % every == 0 and step < self.S:
+            self.save("last.ckpt")
+        k = int(self.cfg.eval.within_task_evals)
+        if k > 0 and step in {round(self.S * (i + 1) / (k + 1)) for i in range(k)}:
+            self.state.within_task[task].append(self._evaluate([task])[0])
+
+    def _evaluate(self, tasks: list[int]) -> list[float]:
+        return evaluate_heldout(self.module, self.dm, tasks, max_batches=self.cfg.eval.max_batches, seed=int(self.cfg.seed))
+
+    def context(self, task: int) -> TaskContext:
+        return TaskContext(
+            task_id=task, task_name=self.data.task_names[task], num_tasks=self.T, module=self.module,
+            train_dataset=self.data.train_dataset(task), make_loader=self.dm.loader,
+            compute_loss=self.module.compute_loss, device=self.module.device,
+            world_size=self.trainer.world_size, rank=self.trainer.global_rank,
+        )  # fmt: skip
+
+
+def run_continual(
+    cfg: DictConfig, data: ContinualData, policy_cfg: Any, algorithm: CLAlgorithm, console: Console | None = None
+) -> float | None:
+    """Train through every task, evaluating all tasks after each; returns the final average score."""
+    console = console or Console()
+    run = ContinualRun(cfg, data, policy_cfg, algorithm)
+    st, T, S = run.state, run.T, run.S
+    if run.resume_ckpt is not None:
+        console.print(f"resuming {run.run_dir} at task {st.task + 1}/{T}, step {st.step_in_task}")
+        # Restore statistics and buffers before anything reads them; Lightning restores them again in fit.
+        run._load_extra(torch.load(run.resume_ckpt, map_location="cpu", weights_only=True))
+        _reattach(run)
+    else:
+        run._stats_for_task(0)
+        (run.run_dir / "config.resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        st.baseline = run._evaluate(list(range(T)))  # the untrained policy: FWT's reference b_j
+    ckpt_path = run.resume_ckpt
+    for t in range(st.task, T):
+        start = st.step_in_task if t == st.task else 0
+        run.module.task = t
+        if run.progress:
+            run.progress.task = t
+        ctx = run.context(t)
+        if start == 0 and ckpt_path is None:
+            run._stats_for_task(t)
+            algorithm.on_task_start(t, ctx)
+        if start < S:
+            run.dm.set_task(t, start)
+            run.trainer.fit_loop.epoch_loop.max_steps = (t + 1) * S
+            run.trainer.fit(run.module, datamodule=run.dm, ckpt_path=ckpt_path, weights_only=True)
+            ckpt_path = None
+        algorithm.on_task_end(t, run.context(t))
+        tasks = list(range(T)) if cfg.eval.evaluate_unseen else list(range(t + 1))
+        row = run._evaluate(tasks)
+        st.R[t] = [row[tasks.index(j)] if j in tasks else None for j in range(T)]
+        st.within_task[t].append(st.R[t][t])
+        st.task, st.step_in_task = t + 1, 0
+        log_row(run.loggers, t, [np.nan if v is None else v for v in st.R[t]], run.trainer.global_step)
+        _record_rank_state(run)
+        if cfg.continual_learning.save_checkpoint_per_task or t == T - 1:
+            run.save(f"task_{t:02d}.ckpt")
+    st.finished = True
+    return _finish(run, console)
+
+
+def _reattach(run: ContinualRun) -> None:
+    """Give algorithms that keep dataset references their datasets back after a restore."""
+    attach = getattr(run.algorithm, "attach_dataset", None)
+    if attach is None:
+        return
+    for t in range(run.state.task + (1 if run.state.step_in_task else 0)):
+        attach(t, run.data.train_dataset(t))
+
+
+def _record_rank_state(run: ContinualRun) -> None:
+    """Under DDP, each rank writes a digest of its algorithm state so ranks can be checked to agree."""
+    if run.trainer.world_size <= 1:
+        return
+    blob = json.dumps(run.algorithm.state_dict(), sort_keys=True, default=str).encode()
+    atomic_write_json(
+        run.run_dir / "rank_states" / f"rank{run.trainer.global_rank}.json",
+        {"task": run.state.task - 1, "sha256": hashlib.sha256(blob).hexdigest()},
+    )
+
+
+def _finish(run: ContinualRun, console: Console) -> float | None:
+    from cl_vla.metrics import compute_metrics
+    from cl_vla.reporting import heatmap_figure, print_summary, write_results
+
+    st = run.state
+    R = st.matrix()
+    within = [w for w in st.within_task] if any(len(w) > 1 for w in st.within_task) else None
+    metrics = compute_metrics(R, higher_is_better=False, baseline=st.baseline, within_task=within)
+    if run.trainer.is_global_zero:
+        write_results(
+            run.run_dir, R, st.task_names, metrics=metrics, higher_is_better=False, metric_name="heldout_action_loss",
+            extra={"algorithm": run.cfg.algorithm.get("name"), "model": run.cfg.model.type, "seed": int(run.cfg.seed),
+                   "baseline": st.baseline, "steps_per_task": run.S, "global_step": run.trainer.global_step},
+        )  # fmt: skip
+        print_summary(console, R, st.task_names, metrics, higher_is_better=False, metric_name="held-out action loss")
+        fig = heatmap_figure(R, st.task_names, higher_is_better=False, metric_name="held-out action loss")
+        log_final(run.loggers, R, st.task_names, metrics, fig)
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+    for lg in run.loggers:
+        lg.finalize("success")
+    import wandb
+
+    if wandb.run is not None:
+        wandb.finish()
+    acc = metrics.get("acc")
+    return float(acc) if acc is not None else None

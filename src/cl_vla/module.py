@@ -1,0 +1,139 @@
+"""The LightningModule that trains any lerobot ``PreTrainedPolicy`` under a CL algorithm's hooks.
+
+One training step: lerobot preprocessor (normalization, device) -> ``loss, info = policy(batch)`` ->
+``loss + algorithm.penalty(...)`` -> backward -> ``algorithm.after_backward(...)`` -> optimizer step ->
+``algorithm.observe(...)``. Penalties are added inside ``training_step`` because Lightning's
+``on_before_backward`` cannot change the loss; gradient edits happen in ``on_after_backward``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import lightning as L
+import torch
+
+from cl_vla.algorithms.base import CLAlgorithm
+from cl_vla.errors import CLVLAError
+
+
+class NonFiniteLossError(CLVLAError):
+    """The training loss became NaN or infinite."""
+
+
+class CLPolicyModule(L.LightningModule):
+    """Wraps a lerobot policy with its pre/post-processors, optimizer and the CL algorithm's hooks."""
+
+    def __init__(
+        self,
+        policy: torch.nn.Module,
+        preprocessor: Callable[[dict], dict],
+        postprocessor: Callable[[Any], Any] | None,
+        algorithm: CLAlgorithm,
+        *,
+        lr: float,
+        weight_decay: float,
+        warmup_steps: int,
+        min_lr_ratio: float,
+        steps_per_task: int,
+        reset_optimizer_per_task: bool = True,
+    ) -> None:
+        super().__init__()
+        self.policy = policy
+        self.preprocessor = preprocessor
+        self.postprocessor = postprocessor
+        self.algorithm = algorithm
+        self.lr, self.weight_decay = lr, weight_decay
+        self.warmup_steps, self.min_lr_ratio = warmup_steps, min_lr_ratio
+        self.steps_per_task = steps_per_task
+        self.reset_optimizer_per_task = reset_optimizer_per_task
+        self.task = 0
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._last_batch: dict | None = None
+        #: Called with the Lightning checkpoint dict on save/load; set by the loop (loop position,
+        #: algorithm state, normalization statistics, RNG states live there).
+        self.save_extra: Callable[[dict], None] | None = None
+        self.load_extra: Callable[[dict], None] | None = None
+        #: Called after every optimizer step with (task, step_in_task); the loop's periodic work.
+        self.after_step: Callable[[int, int], None] | None = None
+
+    # ---- steps ------------------------------------------------------------------------------------
+
+    def step_in_task(self) -> int:
+        return self.global_step - self.task * self.steps_per_task
+
+    def compute_loss(self, raw_batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict]:
+        """Preprocess a raw DataLoader batch and run the policy; the algorithm hooks see this too."""
+        batch = self.preprocessor(dict(raw_batch))
+        loss, info = self.policy.forward(batch)
+        return loss, {"batch": batch, **(info or {})}
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss, outputs = self.compute_loss(batch)
+        pre = outputs.pop("batch")
+        penalty = self.algorithm.penalty(self, pre, outputs)
+        total = loss if penalty is None else loss + penalty
+        if not torch.isfinite(total.detach()):
+            raise NonFiniteLossError(
+                f"The training loss became {total.item()} at task {self.task}, step {self.step_in_task()}; "
+                "training stopped and the last good checkpoint is intact (lower trainer.lr or check the data)."
+            )
+        self._last_batch = pre
+        bs = len(next(iter(v for v in pre.values() if isinstance(v, torch.Tensor))))
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=bs)
+        if penalty is not None:
+            self.log("train/penalty", penalty.detach(), batch_size=bs)
+        self.log("train/task", float(self.task), batch_size=bs)
+        for k, v in outputs.items():
+            if isinstance(v, int | float) and k != "loss":
+                self.log(f"train/{k}", float(v), batch_size=bs)
+        return total
+
+    def on_after_backward(self) -> None:
+        if self._last_batch is not None:
+            self.algorithm.after_backward(self, self._last_batch)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.algorithm.observe(self._last_batch or batch, module=self, outputs=outputs)
+        self._last_batch = None
+        if self.after_step is not None:
+            self.after_step(self.task, self.step_in_task())
+
+    # ---- optimization -------------------------------------------------------------------------------
+
+    def configure_optimizers(self) -> dict:
+        # Lightning calls this at every fit, i.e. at every task: a fresh optimizer unless configured
+        # to carry its moments across tasks.
+        if self._optimizer is None or self.reset_optimizer_per_task:
+            params = self.policy.get_optim_params() if hasattr(self.policy, "get_optim_params") else None
+            params = params if params is not None else self.policy.parameters()
+            self._optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        return {"optimizer": self._optimizer}
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # The learning rate is a pure function of the step, set before every step, rather than a
+        # stateful scheduler: a run resumed mid-task then uses exactly the uninterrupted run's rates.
+        lr = self.lr * self.lr_factor(self.step_in_task())
+        for group in self.trainer.optimizers[0].param_groups:
+            group["lr"] = lr
+        self.log("train/lr", lr, batch_size=1)
+
+    def lr_factor(self, s: int) -> float:
+        """Linear warmup then cosine decay to ``min_lr_ratio``, restarted at every task."""
+        if s < self.warmup_steps:
+            return (s + 1) / (self.warmup_steps + 1)
+        span = max(1, self.steps_per_task - self.warmup_steps)
+        progress = min(1.0, (s - self.warmup_steps) / span)
+        return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    # ---- checkpoint extras ----------------------------------------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.save_extra is not None:
+            self.save_extra(checkpoint)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self.load_extra is not None:
+            self.load_extra(checkpoint)

@@ -1,0 +1,90 @@
+"""Lightning loggers (W&B, CSV, TensorBoard) and what the loop sends them at task boundaries."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
+from omegaconf import DictConfig, OmegaConf
+
+
+def build_loggers(cfg: DictConfig, run_dir: Path, run_name: str) -> list[Logger]:
+    loggers: list[Logger] = []
+    lc = cfg.logger
+    if lc.wandb.enabled and lc.wandb.mode != "disabled":
+        os.environ.setdefault("WANDB_SILENT", "true")
+        loggers.append(
+            WandbLogger(
+                project=lc.wandb.project,
+                entity=lc.wandb.entity,
+                group=lc.wandb.group or cfg.experiment.group or cfg.experiment.name,
+                name=run_name,
+                tags=list(lc.wandb.tags),
+                mode=lc.wandb.mode,
+                save_dir=str(run_dir),
+                config=OmegaConf.to_container(cfg, resolve=True),
+                # A fresh run per job, so Hydra multirun jobs never merge into one W&B run.
+                reinit="finish_previous",
+            )
+        )
+    if lc.csv:
+        loggers.append(CSVLogger(save_dir=str(run_dir), name="logs", version=""))
+    if lc.tensorboard:
+        loggers.append(TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version=""))
+    return loggers
+
+
+def wandb_run(loggers: Sequence[Logger]) -> Any | None:
+    for lg in loggers:
+        if isinstance(lg, WandbLogger):
+            return lg.experiment
+    return None
+
+
+def log_row(loggers: Sequence[Logger], task: int, row: Sequence[float], step: int, prefix: str = "eval") -> None:
+    metrics = {f"{prefix}/task_{j:02d}": float(v) for j, v in enumerate(row) if np.isfinite(v)}
+    seen = [v for v in row[: task + 1] if np.isfinite(v)]
+    if seen:
+        metrics[f"{prefix}/avg_seen"] = float(np.mean(seen))
+    metrics[f"{prefix}/after_task"] = float(task)
+    for lg in loggers:
+        lg.log_metrics(metrics, step=step)
+
+
+def log_final(
+    loggers: Sequence[Logger],
+    R: np.ndarray,
+    task_names: Sequence[str],
+    metrics: dict[str, Any],
+    figure: Any,
+) -> None:
+    """The final matrix as a W&B table and heatmap, and the CL metrics as the run summary."""
+    run = wandb_run(loggers)
+    if run is None:
+        return
+    import wandb
+
+    columns = ["after_task", *[f"{j}: {n[:40]}" for j, n in enumerate(task_names)]]
+    rows = [[i, *[None if not np.isfinite(v) else float(v) for v in R[i]]] for i in range(len(R))]
+    run.log({"cl/R_matrix": wandb.Table(columns=columns, data=rows), "cl/R_heatmap": wandb.Image(figure)})
+    for k, v in metrics.items():
+        if isinstance(v, int | float) and v is not None:
+            run.summary[f"cl/{k}"] = v
+
+
+class TaskProgressBar(RichProgressBar):
+    """Rich progress bar that says which task of the sequence is training."""
+
+    def __init__(self, num_tasks: int, task_names: Sequence[str]) -> None:
+        super().__init__(leave=True)
+        self.num_tasks, self.task_names = num_tasks, list(task_names)
+        self.task = 0
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        name = self.task_names[self.task]
+        return f"task {self.task + 1}/{self.num_tasks}: {name[:40]}"
