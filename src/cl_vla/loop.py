@@ -98,7 +98,6 @@ class ContinualRun:
             gradient_clip_val=t.grad_clip_norm, deterministic=t.deterministic or None,
             default_root_dir=str(self.run_dir), plugins=[AtomicCheckpointIO()], reload_dataloaders_every_n_epochs=1,
         )  # fmt: skip
-        self._reset_optimizer_after_restore = False
 
     # ---- normalization ------------------------------------------------------------------------------
 
@@ -131,7 +130,9 @@ class ContinualRun:
         self._use_stats({k: {s: v for s, v in d.items()} for k, d in unflatten_stats(extra["normalization"]).items()})
         set_rng_state(extra["rng"])
         # A task-boundary checkpoint resumes into a new task: its optimizer starts afresh when configured so.
-        self._reset_optimizer_after_restore = self.state.step_in_task == 0 and self.cfg.trainer.reset_optimizer_per_task
+        self.module.clear_optimizer_on_start = (
+            self.state.step_in_task == 0 and self.cfg.trainer.reset_optimizer_per_task
+        )
 
     def save(self, name: str) -> None:
         path = self.ckpt_dir / name
@@ -170,8 +171,11 @@ def run_continual(
     st, T, S = run.state, run.T, run.S
     if run.resume_ckpt is not None:
         console.print(f"resuming {run.run_dir} at task {st.task + 1}/{T}, step {st.step_in_task}")
-        # Restore statistics and buffers before anything reads them; Lightning restores them again in fit.
+        # Our part of the checkpoint is restored here, once; Lightning restores weights, optimizer and
+        # step counters in the first fit. Doing it before the fit lets a task-boundary resume run the
+        # new task's on_task_start on top of the restored state, as the uninterrupted run did.
         run._load_extra(torch.load(run.resume_ckpt, map_location="cpu", weights_only=True))
+        run.module.load_extra = None
         _reattach(run)
     else:
         run._stats_for_task(0)
@@ -184,7 +188,7 @@ def run_continual(
         if run.progress:
             run.progress.task = t
         ctx = run.context(t)
-        if start == 0 and ckpt_path is None:
+        if start == 0:
             run._stats_for_task(t)
             algorithm.on_task_start(t, ctx)
         if start < S:
@@ -211,7 +215,7 @@ def _reattach(run: ContinualRun) -> None:
     attach = getattr(run.algorithm, "attach_dataset", None)
     if attach is None:
         return
-    for t in range(run.state.task + (1 if run.state.step_in_task else 0)):
+    for t in range(run.state.task):  # tasks whose on_task_end has run
         attach(t, run.data.train_dataset(t))
 
 

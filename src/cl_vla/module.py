@@ -52,6 +52,9 @@ class CLPolicyModule(L.LightningModule):
         self.task = 0
         self._optimizer: torch.optim.Optimizer | None = None
         self._last_batch: dict | None = None
+        #: Set when a task-boundary checkpoint was restored into a run that resets the optimizer per
+        #: task: Lightning restored the previous task's moments, which an uninterrupted run would not have.
+        self.clear_optimizer_on_start = False
         #: Called with the Lightning checkpoint dict on save/load; set by the loop (loop position,
         #: algorithm state, normalization statistics, RNG states live there).
         self.save_extra: Callable[[dict], None] | None = None
@@ -111,6 +114,12 @@ class CLPolicyModule(L.LightningModule):
             params = params if params is not None else self.policy.parameters()
             self._optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
         return {"optimizer": self._optimizer}
+
+    def on_train_start(self) -> None:
+        if self.clear_optimizer_on_start:
+            for opt in self.trainer.optimizers:
+                opt.state.clear()
+            self.clear_optimizer_on_start = False
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # The learning rate is a pure function of the step, set before every step, rather than a

@@ -1,0 +1,123 @@
+"""Shared fixtures: an offline, sandboxed environment and small synthetic LeRobot datasets.
+
+The environment is set when this module is imported, before any test module imports lerobot,
+huggingface_hub or datasets (some of them read their settings at import time). Everything a test
+writes goes under one session temporary directory, removed at the end of the session.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = REPO_ROOT / "conf"
+
+_SESSION_TMP = Path(tempfile.mkdtemp(prefix="cl_vla_tests_"))
+atexit.register(shutil.rmtree, _SESSION_TMP, ignore_errors=True)
+
+TEST_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "WANDB_MODE": "offline",
+    "MUJOCO_GL": "egl",
+    # Generated datasets and recordings never land in the user's cache.
+    "CL_VLA_CACHE": str(_SESSION_TMP / "cache"),
+    # The `datasets` library caches what it loads; keep that out of ~/.cache too.
+    "HF_DATASETS_CACHE": str(_SESSION_TMP / "hf_datasets"),
+    "WANDB_DIR": str(_SESSION_TMP / "wandb"),
+    "HYDRA_FULL_ERROR": "0",
+}
+os.environ.update(TEST_ENV)
+
+# The fixture dataset: LIBERO-Spatial's 10 instructions, tiny frames.
+SYNTHETIC_SETTINGS = {"episodes_per_task": 3, "frames_per_episode": 8, "image_size": 16}
+SYNTHETIC_REPO_ID = "cl_vla_tests/synthetic_libero_spatial"
+
+
+def session_tmp() -> Path:
+    return _SESSION_TMP
+
+
+def synthetic_overrides(root: str | Path, repo_id: str) -> list[str]:
+    """Hydra overrides under which `data=synthetic` reuses the `synthetic_libero` fixture dataset.
+
+    Only valid with `task_sequence=libero_spatial`: another sequence would rewrite the dataset.
+    """
+    return [
+        f"data.root={root}",
+        f"data.repo_id={repo_id}",
+        *(f"data.synthetic.{k}={v}" for k, v in SYNTHETIC_SETTINGS.items()),
+    ]
+
+
+def run_train(
+    args: Sequence[str],
+    cwd: str | Path = REPO_ROOT,
+    timeout: float = 240,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess:
+    """Run ``python train.py *args`` with the test environment; returns the finished process.
+
+    Unless ``args`` set them, Hydra's run and sweep directories go to a fresh temporary directory,
+    so no test writes ``outputs/`` or ``multirun/`` into the repository.
+    """
+    args = [str(a) for a in args]
+    run_dir = Path(tempfile.mkdtemp(prefix="run_", dir=_SESSION_TMP))
+    if not any(a.lstrip("+").startswith("hydra.run.dir=") for a in args):
+        args.append(f"hydra.run.dir={run_dir / 'run'}")
+    if not any(a.lstrip("+").startswith("hydra.sweep.dir=") for a in args):
+        args.append(f"hydra.sweep.dir={run_dir / 'multirun'}")
+    full_env = {**os.environ, **TEST_ENV, **(env or {})}
+    return subprocess.run(
+        [sys.executable, str(REPO_ROOT / "train.py"), *args],
+        cwd=str(cwd),
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def last_line(text: str) -> str:
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    return lines[-1] if lines else ""
+
+
+@pytest.fixture(scope="session")
+def synthetic_dataset_factory() -> Callable[..., tuple[Path, str, object]]:
+    """``make(instructions, **spec_kwargs) -> (root, repo_id, spec)``: a small synthetic dataset.
+
+    Datasets are written once per distinct spec (keyed by its fingerprint) and shared by the session.
+    Tests must not modify them; copy one first (``shutil.copytree``) to damage it.
+    """
+    from cl_vla.data.synthetic import SyntheticSpec, write_synthetic_dataset
+
+    def make(instructions: Sequence[str], **kwargs) -> tuple[Path, str, SyntheticSpec]:
+        spec = SyntheticSpec(instructions=tuple(instructions), **kwargs)
+        fp = spec.fingerprint()
+        root = _SESSION_TMP / "datasets" / f"synthetic_{fp}"
+        repo_id = f"cl_vla_tests/synthetic_{fp}"
+        write_synthetic_dataset(root, repo_id, spec)
+        return root, repo_id, spec
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def synthetic_libero(synthetic_dataset_factory) -> tuple[Path, str, object]:
+    """``(root, repo_id, spec)`` of one synthetic dataset with LIBERO-Spatial's 10 instructions."""
+    from cl_vla.data.synthetic import SyntheticSpec, write_synthetic_dataset
+    from cl_vla.data.task_sequences import get_task_sequence
+
+    spec = SyntheticSpec(instructions=tuple(get_task_sequence("libero_spatial").tasks), **SYNTHETIC_SETTINGS)
+    root = _SESSION_TMP / "datasets" / "synthetic_libero_spatial"
+    write_synthetic_dataset(root, SYNTHETIC_REPO_ID, spec)
+    return root, SYNTHETIC_REPO_ID, spec

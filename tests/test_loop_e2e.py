@@ -1,0 +1,177 @@
+"""End-to-end runs of train.py: the whole sequence, W&B offline, checkpoints, resume after SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO_ROOT, TEST_ENV, last_line, run_train, session_tmp, synthetic_overrides
+
+pytestmark = pytest.mark.slow
+
+FAST = [
+    "trainer.progress_bar=false",
+    "data.num_workers=0",
+    "data.batch_size=8",
+    "model.image_size=16",
+    "trainer.warmup_steps=2",
+]
+
+
+def test_er_libero_spatial_end_to_end(synthetic_libero, tmp_path):
+    root, repo_id, _ = synthetic_libero
+    run_dir = tmp_path / "run"
+    proc = run_train(
+        [
+            "algorithm=er",
+            "task_sequence=libero_spatial",
+            *synthetic_overrides(root, repo_id),
+            *FAST,
+            "continual_learning.steps_per_task=3",
+            f"hydra.run.dir={run_dir}",
+        ],
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    results = json.loads((run_dir / "results.json").read_text())
+    R = np.array(results["matrix"], dtype=float)
+    assert R.shape == (10, 10) and np.isfinite(R).all()
+    assert results["metrics"]["bwt"] is not None and results["metrics"]["acc"] is not None
+    assert (run_dir / "r_matrix.png").stat().st_size > 1000
+    assert len((run_dir / "r_matrix.csv").read_text().splitlines()) == 11
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("task_*.ckpt")) == [
+        f"task_{i:02d}.ckpt" for i in range(10)
+    ]
+    assert "ACC" in proc.stdout and "BWT" in proc.stdout
+
+    from cl_vla.wandb_offline import read_offline_run
+
+    (wb,) = list((run_dir / "wandb").glob("offline-run-*"))
+    run = read_offline_run(wb)
+    assert run["summary"]["cl/acc"] == pytest.approx(results["metrics"]["acc"])
+    assert run["summary"]["cl/bwt"] == pytest.approx(results["metrics"]["bwt"])
+    assert run["summary"]["cl/R_matrix/_type"] == "table-file"
+    rows = [h for h in run["history"] if "eval/after_task" in h]
+    assert [int(h["eval/after_task"]) for h in rows] == list(range(10))  # one R row logged per task
+    assert rows[3]["eval/task_07"] == pytest.approx(R[3, 7])
+    tables = list(wb.glob("files/media/table/cl/R_matrix*.table.json"))
+    table = json.loads(tables[0].read_text())
+    assert np.allclose(np.array([r[1:] for r in table["data"]], dtype=float), R)
+
+
+
+
+def _small_args(root, repo_id, run_dir, extra=()):
+    return [
+        "algorithm=er",
+        "algorithm.buffer_size_per_task=6",
+        "task_sequence=custom",
+        "task_sequence.name=resume3",
+        "task_sequence.tasks=[" + ",".join(f"'{t}'" for t in _three_tasks()) + "]",
+        *synthetic_overrides(root, repo_id),
+        *FAST,
+        "continual_learning.steps_per_task=24",
+        "trainer.checkpoint_every_n_steps=4",
+        "trainer.deterministic=true",
+        "logger=none",
+        f"hydra.run.dir={run_dir}",
+        *extra,
+    ]
+
+
+def _three_tasks():
+    from cl_vla.data.task_sequences import get_task_sequence
+
+    return list(get_task_sequence("libero_spatial").tasks[:3])
+
+
+def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    ckpt = torch.load(run_dir / "checkpoints" / "task_02.ckpt", map_location="cpu", weights_only=True)
+    return ckpt["state_dict"]
+
+
+def test_sigkill_mid_task_then_resume_matches_uninterrupted(synthetic_libero, tmp_path):
+    root, repo_id, _ = synthetic_libero
+    ref_dir, cut_dir = tmp_path / "ref", tmp_path / "cut"
+    ref = run_train(_small_args(root, repo_id, ref_dir), timeout=600)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+
+    # Start the same run and SIGKILL it once it has written a mid-task checkpoint of the second task.
+    cmd = [sys.executable, str(REPO_ROOT / "train.py"), *_small_args(root, repo_id, cut_dir)]
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env={**os.environ, **TEST_ENV}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    state_file = cut_dir / "checkpoints" / "state.json"
+    deadline = time.time() + 500
+    killed_at = None
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            state = json.loads(state_file.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            state = None
+        if state and state["checkpoint"] == "last.ckpt" and state["task"] == 1 and state["step_in_task"] >= 8:
+            proc.send_signal(signal.SIGKILL)
+            killed_at = (state["task"], state["step_in_task"])
+            break
+        time.sleep(0.02)
+    proc.wait()
+    assert killed_at is not None, "the run ended before a mid-task checkpoint of task 1 appeared"
+    assert not (cut_dir / "results.json").exists()
+
+    resumed = run_train(_small_args(root, repo_id, tmp_path / "resume_hydra", [f"resume={cut_dir}"]), timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming" in resumed.stdout
+
+    r_ref = json.loads((ref_dir / "results.json").read_text())["matrix"]
+    r_cut = json.loads((cut_dir / "results.json").read_text())["matrix"]
+    np.testing.assert_allclose(np.array(r_cut, float), np.array(r_ref, float), rtol=0, atol=1e-6)
+    w_ref, w_cut = _final_weights(ref_dir), _final_weights(cut_dir)
+    assert w_ref.keys() == w_cut.keys()
+    for k in w_ref:
+        torch.testing.assert_close(w_cut[k], w_ref[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_resume_rejects_mismatched_and_corrupt_checkpoints(synthetic_libero, tmp_path):
+    root, repo_id, _ = synthetic_libero
+    run_dir = tmp_path / "run"
+    ok = run_train(_small_args(root, repo_id, run_dir, ["continual_learning.steps_per_task=2"]), timeout=600)
+    assert ok.returncode == 0, ok.stderr[-3000:]
+
+    bad = run_train(_small_args(root, repo_id, tmp_path / "h1", ["continual_learning.steps_per_task=3",
+                                                               f"resume={run_dir}"]))  # fmt: skip
+    assert bad.returncode != 0
+    assert "steps_per_task" in last_line(bad.stderr) and "Traceback" not in bad.stderr
+
+    ckpt = run_dir / "checkpoints" / "task_02.ckpt"
+    good_bytes = ckpt.read_bytes()
+    ckpt.write_bytes(good_bytes[: len(good_bytes) // 3])
+    corrupt = run_train(_small_args(root, repo_id, tmp_path / "h2", ["continual_learning.steps_per_task=2",
+                                                                   f"resume={ckpt}"]))  # fmt: skip
+    assert corrupt.returncode != 0
+    assert "corrupt" in last_line(corrupt.stderr) and "Traceback" not in corrupt.stderr
+    # Earlier results stay as they were.
+    assert json.loads((run_dir / "results.json").read_text())["matrix"]
+
+
+def test_nan_loss_stops_with_one_sentence_and_keeps_checkpoints(synthetic_libero, tmp_path):
+    root, repo_id, _ = synthetic_libero
+    run_dir = tmp_path / "run"
+    proc = run_train(_small_args(root, repo_id, run_dir, ["trainer.lr=1e30", "trainer.grad_clip_norm=null"]))
+    assert proc.returncode != 0
+    assert "loss became" in last_line(proc.stderr) and "Traceback" not in proc.stderr
+    state_file = run_dir / "checkpoints" / "state.json"
+    if state_file.exists():  # whatever was saved before the NaN is loadable
+        state = json.loads(state_file.read_text())
+        torch.load(run_dir / "checkpoints" / state["checkpoint"], map_location="cpu", weights_only=True)
+    assert not (run_dir / "results.json").exists()
+
+
