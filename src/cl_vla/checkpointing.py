@@ -68,12 +68,16 @@ class RunState:
     within_task: list[list[float]] = field(default_factory=list)
     checkpoint: str | None = None
     finished: bool = False
+    train_seconds: list[float] = field(default_factory=list)  # per task, fit wall time (resumes add up)
+    eval_seconds: list[float] = field(default_factory=list)  # per task, evaluation wall time
 
     def __post_init__(self) -> None:
         if not self.R:
             self.R = [[None] * self.num_tasks for _ in range(self.num_tasks)]
         if not self.within_task:
             self.within_task = [[] for _ in range(self.num_tasks)]
+        self.train_seconds = self.train_seconds or [0.0] * self.num_tasks
+        self.eval_seconds = self.eval_seconds or [0.0] * self.num_tasks
 
     def matrix(self) -> np.ndarray:
         return np.array([[np.nan if v is None else v for v in row] for row in self.R], dtype=float)

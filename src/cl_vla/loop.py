@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +48,8 @@ def _fingerprint(cfg: DictConfig, data: ContinualData) -> dict[str, Any]:
         "steps_per_task": int(cfg.continual_learning.steps_per_task),
         "seed": int(cfg.seed),
         "batch_size": int(cfg.data.batch_size),
-        "world_size": int(cfg.trainer.devices) * int(cfg.trainer.num_nodes) if cfg.trainer.strategy != "auto" else 1,
+        "devices": str(cfg.trainer.devices),
+        "num_nodes": int(cfg.trainer.num_nodes),
     }
 
 
@@ -194,11 +196,15 @@ def run_continual(
         if start < S:
             run.dm.set_task(t, start)
             run.trainer.fit_loop.epoch_loop.max_steps = (t + 1) * S
+            tic = time.perf_counter()
             run.trainer.fit(run.module, datamodule=run.dm, ckpt_path=ckpt_path, weights_only=True)
+            st.train_seconds[t] += time.perf_counter() - tic
             ckpt_path = None
         algorithm.on_task_end(t, run.context(t))
         tasks = list(range(T)) if cfg.eval.evaluate_unseen else list(range(t + 1))
+        tic = time.perf_counter()
         row = run._evaluate(tasks)
+        st.eval_seconds[t] += time.perf_counter() - tic
         st.R[t] = [row[tasks.index(j)] if j in tasks else None for j in range(T)]
         st.within_task[t].append(st.R[t][t])
         st.task, st.step_in_task = t + 1, 0
@@ -242,7 +248,9 @@ def _finish(run: ContinualRun, console: Console) -> float | None:
         write_results(
             run.run_dir, R, st.task_names, metrics=metrics, higher_is_better=False, metric_name="heldout_action_loss",
             extra={"algorithm": run.cfg.algorithm.get("name"), "model": run.cfg.model.type, "seed": int(run.cfg.seed),
-                   "baseline": st.baseline, "steps_per_task": run.S, "global_step": run.trainer.global_step},
+                   "baseline": st.baseline, "steps_per_task": run.S, "global_step": run.trainer.global_step,
+                   "train_seconds": st.train_seconds, "eval_seconds": st.eval_seconds,
+                   "algorithm_state_bytes": _state_bytes(run.algorithm)},
         )  # fmt: skip
         print_summary(console, R, st.task_names, metrics, higher_is_better=False, metric_name="held-out action loss")
         fig = heatmap_figure(R, st.task_names, higher_is_better=False, metric_name="held-out action loss")
@@ -258,3 +266,21 @@ def _finish(run: ContinualRun, console: Console) -> float | None:
         wandb.finish()
     acc = metrics.get("acc")
     return float(acc) if acc is not None else None
+
+
+def _state_bytes(algorithm: CLAlgorithm) -> int:
+    """Approximate bytes the algorithm keeps (its memory footprint beyond the policy)."""
+    memory = getattr(algorithm, "memory_bytes", None)
+    if memory is not None:
+        return int(memory())
+    total = 0
+    stack: list[Any] = [algorithm.state_dict()]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, torch.Tensor):
+            total += x.numel() * x.element_size()
+        elif isinstance(x, dict):
+            stack += list(x.values())
+        elif isinstance(x, list | tuple):
+            stack += list(x)
+    return total
