@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Train a VLA policy through a sequence of tasks with a continual-learning algorithm.
 
-    python train.py algorithm=er task_sequence=libero_spatial
-    python train.py -m algorithm=er algorithm.replay_batch_ratio=0.1,0.3,0.5 seed=0,1,2
+python train.py algorithm=er task_sequence=libero_spatial
+python train.py -m algorithm=er algorithm.replay_batch_ratio=0.1,0.3,0.5 seed=0,1,2
 """
 
 import hydra

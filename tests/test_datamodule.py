@@ -34,7 +34,9 @@ def _er_with_two_tasks() -> ReplayBuffer:
 
 def _sampler(algo, rank=0, start=0, steps=50, batch=16):
     current = np.arange(500, 600)
-    return ContinualBatchSampler(current, algo, batch, seed=0, task=2, rank=rank, start_step=start, num_steps=steps)
+    return ContinualBatchSampler(
+        current, algo, batch, seed=0, task=2, rank=rank, start_step=start, num_steps=steps
+    )
 
 
 def test_replay_share_and_sources():
@@ -72,5 +74,6 @@ def test_multitask_widens_training_tasks():
 
 def test_empty_task_is_an_error():
     with pytest.raises(ValueError, match="no training frames"):
-        ContinualBatchSampler(np.array([], dtype=np.int64), Sequential(), 4, seed=0, task=0, rank=0,
-                              start_step=0, num_steps=3)  # fmt: skip
+        ContinualBatchSampler(
+            np.array([], dtype=np.int64), Sequential(), 4, seed=0, task=0, rank=0, start_step=0, num_steps=3
+        )

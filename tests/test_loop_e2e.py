@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO_ROOT, TEST_ENV, last_line, run_train, session_tmp, synthetic_overrides
+from conftest import REPO_ROOT, TEST_ENV, last_line, run_train, synthetic_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -69,8 +69,6 @@ def test_er_libero_spatial_end_to_end(synthetic_libero, tmp_path):
     assert np.allclose(np.array([r[1:] for r in table["data"]], dtype=float), R)
 
 
-
-
 def _small_args(root, repo_id, run_dir, extra=()):
     return [
         "algorithm=er",
@@ -108,8 +106,13 @@ def test_sigkill_mid_task_then_resume_matches_uninterrupted(synthetic_libero, tm
 
     # Start the same run and SIGKILL it once it has written a mid-task checkpoint of the second task.
     cmd = [sys.executable, str(REPO_ROOT / "train.py"), *_small_args(root, repo_id, cut_dir)]
-    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env={**os.environ, **TEST_ENV}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO_ROOT,
+        env={**os.environ, **TEST_ENV},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     state_file = cut_dir / "checkpoints" / "state.json"
     deadline = time.time() + 500
     killed_at = None
@@ -127,7 +130,9 @@ def test_sigkill_mid_task_then_resume_matches_uninterrupted(synthetic_libero, tm
     assert killed_at is not None, "the run ended before a mid-task checkpoint of task 1 appeared"
     assert not (cut_dir / "results.json").exists()
 
-    resumed = run_train(_small_args(root, repo_id, tmp_path / "resume_hydra", [f"resume={cut_dir}"]), timeout=600)
+    resumed = run_train(
+        _small_args(root, repo_id, tmp_path / "resume_hydra", [f"resume={cut_dir}"]), timeout=600
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming" in resumed.stdout
 
@@ -146,16 +151,20 @@ def test_resume_rejects_mismatched_and_corrupt_checkpoints(synthetic_libero, tmp
     ok = run_train(_small_args(root, repo_id, run_dir, ["continual_learning.steps_per_task=2"]), timeout=600)
     assert ok.returncode == 0, ok.stderr[-3000:]
 
-    bad = run_train(_small_args(root, repo_id, tmp_path / "h1", ["continual_learning.steps_per_task=3",
-                                                               f"resume={run_dir}"]))  # fmt: skip
+    bad = run_train(
+        _small_args(
+            root, repo_id, tmp_path / "h1", ["continual_learning.steps_per_task=3", f"resume={run_dir}"]
+        )
+    )
     assert bad.returncode != 0
     assert "steps_per_task" in last_line(bad.stderr) and "Traceback" not in bad.stderr
 
     ckpt = run_dir / "checkpoints" / "task_02.ckpt"
     good_bytes = ckpt.read_bytes()
     ckpt.write_bytes(good_bytes[: len(good_bytes) // 3])
-    corrupt = run_train(_small_args(root, repo_id, tmp_path / "h2", ["continual_learning.steps_per_task=2",
-                                                                   f"resume={ckpt}"]))  # fmt: skip
+    corrupt = run_train(
+        _small_args(root, repo_id, tmp_path / "h2", ["continual_learning.steps_per_task=2", f"resume={ckpt}"])
+    )
     assert corrupt.returncode != 0
     assert "corrupt" in last_line(corrupt.stderr) and "Traceback" not in corrupt.stderr
     # Earlier results stay as they were.
@@ -173,5 +182,3 @@ def test_nan_loss_stops_with_one_sentence_and_keeps_checkpoints(synthetic_libero
         state = json.loads(state_file.read_text())
         torch.load(run_dir / "checkpoints" / state["checkpoint"], map_location="cpu", weights_only=True)
     assert not (run_dir / "results.json").exists()
-
-

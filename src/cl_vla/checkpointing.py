@@ -118,7 +118,8 @@ def resolve_resume(resume: str) -> tuple[Path, Path, RunState]:
     state_file = p / "checkpoints" / STATE_FILE
     if not state_file.is_file():
         raise CheckpointError(
-            f"resume={resume!r} has no checkpoints/{STATE_FILE}; give a run directory of cl_vla or a .ckpt file."
+            f"resume={resume!r} has no checkpoints/{STATE_FILE}; "
+            "give a run directory of cl_vla or a .ckpt file."
         )
     try:
         pointer = json.loads(state_file.read_text())

@@ -20,11 +20,15 @@ def validate_config(cfg: DictConfig) -> DictConfig:
     cfg = apply_seed_aliases(cfg)
     steps = cfg.continual_learning.steps_per_task
     if steps <= 0:
-        raise ConfigError(f"continual_learning.steps_per_task={steps} is not allowed; it must be a positive integer.")
+        raise ConfigError(
+            f"continual_learning.steps_per_task={steps} is not allowed; it must be a positive integer."
+        )
     if cfg.data.batch_size <= 0:
         raise ConfigError(f"data.batch_size={cfg.data.batch_size} is not allowed; it must be positive.")
     if not 0.0 <= cfg.data.heldout_fraction < 1.0:
-        raise ConfigError(f"data.heldout_fraction={cfg.data.heldout_fraction} is not allowed; it must be in [0, 1).")
+        raise ConfigError(
+            f"data.heldout_fraction={cfg.data.heldout_fraction} is not allowed; it must be in [0, 1)."
+        )
     from cl_vla.data.stats import NormalizationChoice
 
     NormalizationChoice.parse(cfg.data.normalization)
@@ -40,7 +44,9 @@ def build_algorithm(algo_cfg: Any):
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
-    node = OmegaConf.to_container(algo_cfg, resolve=True) if isinstance(algo_cfg, DictConfig) else dict(algo_cfg)
+    node = (
+        OmegaConf.to_container(algo_cfg, resolve=True) if isinstance(algo_cfg, DictConfig) else dict(algo_cfg)
+    )
     node.pop("name", None)
     try:
         return instantiate(node, _convert_="all")
@@ -59,6 +65,7 @@ def prepare_data(cfg: DictConfig, policy_type_cfg: Any | None = None):
 
     from cl_vla.data.streams import build_continual_data, ensure_synthetic, open_dataset
     from cl_vla.data.task_sequences import TaskSequence
+    from cl_vla.data.windows import WindowedDataset, split_deltas
     from cl_vla.models import build_policy_config
 
     seq = TaskSequence.from_mapping(OmegaConf.to_container(cfg.task_sequence, resolve=True))
@@ -68,9 +75,11 @@ def prepare_data(cfg: DictConfig, policy_type_cfg: Any | None = None):
     ds = open_dataset(cfg.data.repo_id, root, None, cfg.data.video_backend)  # validates root / hub first
     meta: LeRobotDatasetMetadata = ds.meta
     policy_cfg = build_policy_config(OmegaConf.to_container(cfg.model, resolve=True), meta)
-    delta = resolve_delta_timestamps(policy_cfg, meta)
-    if delta:
-        ds = open_dataset(cfg.data.repo_id, root, delta, cfg.data.video_backend)
+    in_memory, visual = split_deltas(resolve_delta_timestamps(policy_cfg, meta), meta.features)
+    if visual:
+        ds = open_dataset(cfg.data.repo_id, root, visual, cfg.data.video_backend)
+    if in_memory:
+        ds = WindowedDataset(ds, in_memory)
     data = build_continual_data(ds, seq, cfg.data.heldout_fraction, cfg.data.split_seed)
     return data, policy_cfg
 
@@ -92,9 +101,15 @@ def run_main(cfg: DictConfig) -> float | None:
 
         return run_continual(cfg, data, policy_cfg, algorithm, console=console)
     except (CLVLAError, OmegaConfBaseException) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"error: {msg}", file=sys.stderr)
-        sys.exit(2)
+        _fail(str(e) or type(e).__name__)
+    except ImportError as e:
+        # Optional policy/simulator dependencies: lerobot's message names the extra to install.
+        _fail(f"a package this configuration needs is missing: {e}")
+
+
+def _fail(message: str) -> None:
+    print(f"error: {message.strip().splitlines()[0]}", file=sys.stderr)
+    sys.exit(2)
 
 
 def _task_table(data):

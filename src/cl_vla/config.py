@@ -174,14 +174,22 @@ def apply_seed_aliases(cfg: DictConfig) -> DictConfig:
         cfg.continual_learning.task_sequence = cfg.task_sequence.name
 
     rp = cfg.replay
-    values = {k: rp[k] for k in ("buffer_size_per_task", "replay_batch_ratio", "balanced_sampling") if rp[k] is not None}
+    values = {
+        k: rp[k]
+        for k in ("buffer_size_per_task", "replay_batch_ratio", "balanced_sampling")
+        if rp[k] is not None
+    }
     if rp.enabled is None and rp.method is None and not values:
         return cfg
     if rp.method is not None and rp.method not in ("experience_replay", "er"):
-        raise ConfigError(f"replay.method={rp.method!r} is not allowed; the seed's only method is 'experience_replay'.")
+        raise ConfigError(
+            f"replay.method={rp.method!r} is not allowed; the seed's only method is 'experience_replay'."
+        )
     with open_dict(cfg):
         if rp.enabled is False:
-            cfg.algorithm = OmegaConf.create({"_target_": "cl_vla.algorithms.sequential.Sequential", "name": "sequential"})
+            cfg.algorithm = OmegaConf.create(
+                {"_target_": "cl_vla.algorithms.sequential.Sequential", "name": "sequential"}
+            )
             return cfg
         if cfg.algorithm.get("_target_") != _ER_TARGET:
             cfg.algorithm = OmegaConf.create({"_target_": _ER_TARGET, "name": "er", "seed": cfg.seed})

@@ -78,28 +78,54 @@ class ContinualRun:
         self.stats: dict | None = None
         t = cfg.trainer
         self.module = CLPolicyModule(
-            self.policy, lambda b: b, None, algorithm,
-            lr=t.lr, weight_decay=t.weight_decay, warmup_steps=t.warmup_steps, min_lr_ratio=t.min_lr_ratio,
-            steps_per_task=self.S, reset_optimizer_per_task=t.reset_optimizer_per_task,
-        )  # fmt: skip
+            self.policy,
+            lambda b: b,
+            None,
+            algorithm,
+            lr=t.lr,
+            weight_decay=t.weight_decay,
+            warmup_steps=t.warmup_steps,
+            min_lr_ratio=t.min_lr_ratio,
+            steps_per_task=self.S,
+            reset_optimizer_per_task=t.reset_optimizer_per_task,
+        )
         self.module.save_extra = self._save_extra
         self.module.load_extra = self._load_extra
         self.module.after_step = self._after_step
         self.dm = ContinualDataModule(
-            data, algorithm, batch_size=cfg.data.batch_size, eval_batch_size=cfg.data.eval_batch_size,
-            num_workers=cfg.data.num_workers, seed=int(cfg.seed), steps_per_task=self.S,
-        )  # fmt: skip
+            data,
+            algorithm,
+            batch_size=cfg.data.batch_size,
+            eval_batch_size=cfg.data.eval_batch_size,
+            num_workers=cfg.data.num_workers,
+            seed=int(cfg.seed),
+            steps_per_task=self.S,
+        )
         self.loggers = build_loggers(cfg, self.run_dir, self.run_dir.name)
         self.progress = TaskProgressBar(self.T, data.task_names) if t.progress_bar else None
         self.trainer = L.Trainer(
-            accelerator=t.accelerator, devices=t.devices, strategy=t.strategy, num_nodes=t.num_nodes,
-            precision=t.precision, max_steps=self.S, max_epochs=-1, logger=self.loggers or False,
-            callbacks=[self.progress] if self.progress else [], enable_progress_bar=self.progress is not None,
-            enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0,
-            limit_val_batches=0, use_distributed_sampler=False, log_every_n_steps=t.log_every_n_steps,
-            gradient_clip_val=t.grad_clip_norm, deterministic=t.deterministic or None,
-            default_root_dir=str(self.run_dir), plugins=[AtomicCheckpointIO()], reload_dataloaders_every_n_epochs=1,
-        )  # fmt: skip
+            accelerator=t.accelerator,
+            devices=t.devices,
+            strategy=t.strategy,
+            num_nodes=t.num_nodes,
+            precision=t.precision,
+            max_steps=self.S,
+            max_epochs=-1,
+            logger=self.loggers or False,
+            callbacks=[self.progress] if self.progress else [],
+            enable_progress_bar=self.progress is not None,
+            enable_checkpointing=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            limit_val_batches=0,
+            use_distributed_sampler=False,
+            log_every_n_steps=t.log_every_n_steps,
+            gradient_clip_val=t.grad_clip_norm,
+            deterministic=t.deterministic or None,
+            default_root_dir=str(self.run_dir),
+            plugins=[AtomicCheckpointIO()],
+            reload_dataloaders_every_n_epochs=1,
+        )
 
     # ---- normalization ------------------------------------------------------------------------------
 
@@ -129,7 +155,9 @@ class ContinualRun:
     def _load_extra(self, ckpt: dict) -> None:
         extra = ckpt["cl_vla"]
         self.algorithm.load_state_dict(extra["algorithm"])
-        self._use_stats({k: {s: v for s, v in d.items()} for k, d in unflatten_stats(extra["normalization"]).items()})
+        self._use_stats(
+            {k: {s: v for s, v in d.items()} for k, d in unflatten_stats(extra["normalization"]).items()}
+        )
         set_rng_state(extra["rng"])
         # A task-boundary checkpoint resumes into a new task: its optimizer starts afresh when configured so.
         self.module.clear_optimizer_on_start = (
@@ -153,19 +181,31 @@ class ContinualRun:
             self.state.within_task[task].append(self._evaluate([task])[0])
 
     def _evaluate(self, tasks: list[int]) -> list[float]:
-        return evaluate_heldout(self.module, self.dm, tasks, max_batches=self.cfg.eval.max_batches, seed=int(self.cfg.seed))
+        return evaluate_heldout(
+            self.module, self.dm, tasks, max_batches=self.cfg.eval.max_batches, seed=int(self.cfg.seed)
+        )
 
     def context(self, task: int) -> TaskContext:
         return TaskContext(
-            task_id=task, task_name=self.data.task_names[task], num_tasks=self.T, module=self.module,
-            train_dataset=self.data.train_dataset(task), make_loader=self.dm.loader,
-            compute_loss=self.module.compute_loss, device=self.module.device,
-            world_size=self.trainer.world_size, rank=self.trainer.global_rank,
-        )  # fmt: skip
+            task_id=task,
+            task_name=self.data.task_names[task],
+            num_tasks=self.T,
+            module=self.module,
+            train_dataset=self.data.train_dataset(task),
+            make_loader=self.dm.loader,
+            compute_loss=self.module.compute_loss,
+            device=self.module.device,
+            world_size=self.trainer.world_size,
+            rank=self.trainer.global_rank,
+        )
 
 
 def run_continual(
-    cfg: DictConfig, data: ContinualData, policy_cfg: Any, algorithm: CLAlgorithm, console: Console | None = None
+    cfg: DictConfig,
+    data: ContinualData,
+    policy_cfg: Any,
+    algorithm: CLAlgorithm,
+    console: Console | None = None,
 ) -> float | None:
     """Train through every task, evaluating all tasks after each; returns the final average score."""
     console = console or Console()
@@ -246,13 +286,27 @@ def _finish(run: ContinualRun, console: Console) -> float | None:
     metrics = compute_metrics(R, higher_is_better=False, baseline=st.baseline, within_task=within)
     if run.trainer.is_global_zero:
         write_results(
-            run.run_dir, R, st.task_names, metrics=metrics, higher_is_better=False, metric_name="heldout_action_loss",
-            extra={"algorithm": run.cfg.algorithm.get("name"), "model": run.cfg.model.type, "seed": int(run.cfg.seed),
-                   "baseline": st.baseline, "steps_per_task": run.S, "global_step": run.trainer.global_step,
-                   "train_seconds": st.train_seconds, "eval_seconds": st.eval_seconds,
-                   "algorithm_state_bytes": _state_bytes(run.algorithm)},
-        )  # fmt: skip
-        print_summary(console, R, st.task_names, metrics, higher_is_better=False, metric_name="held-out action loss")
+            run.run_dir,
+            R,
+            st.task_names,
+            metrics=metrics,
+            higher_is_better=False,
+            metric_name="heldout_action_loss",
+            extra={
+                "algorithm": run.cfg.algorithm.get("name"),
+                "model": run.cfg.model.type,
+                "seed": int(run.cfg.seed),
+                "baseline": st.baseline,
+                "steps_per_task": run.S,
+                "global_step": run.trainer.global_step,
+                "train_seconds": st.train_seconds,
+                "eval_seconds": st.eval_seconds,
+                "algorithm_state_bytes": _state_bytes(run.algorithm),
+            },
+        )
+        print_summary(
+            console, R, st.task_names, metrics, higher_is_better=False, metric_name="held-out action loss"
+        )
         fig = heatmap_figure(R, st.task_names, higher_is_better=False, metric_name="held-out action loss")
         log_final(run.loggers, R, st.task_names, metrics, fig)
         import matplotlib.pyplot as plt

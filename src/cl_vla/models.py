@@ -24,10 +24,10 @@ def _check_pretrained(model_type: str, path: str) -> None:
         return
     offline = os.environ.get("HF_HUB_OFFLINE") == "1"
     if offline or path.startswith((".", "/", "~")):
+        why = "reachable (HF_HUB_OFFLINE=1)" if offline else "a hub repo id"
         raise ConfigError(
             f"model={model_type} needs pretrained weights {path!r}, which are neither a local directory nor "
-            "reachable (HF_HUB_OFFLINE=1); download them on a machine with hub access and set "
-            "model.pretrained_path=<local copy>."
+            f"{why}; download them on a machine with hub access and set model.pretrained_path=<local copy>."
         )
 
 
@@ -37,10 +37,12 @@ def build_policy_config(model_cfg: Mapping[str, Any], ds_meta: Any, device: str 
     Raises one-sentence errors for an unknown model type, unknown fields, absent pretrained weights,
     and dataset features that lack what the policy needs.
     """
-    import cl_vla.policies  # noqa: F401  (registers tiny_vla with lerobot's factory)
+    import lerobot.policies  # noqa: F401  (registers lerobot's own policy configs)
     from lerobot.configs.policies import PreTrainedConfig
     from lerobot.configs.types import FeatureType
     from lerobot.utils.feature_utils import dataset_to_policy_features
+
+    import cl_vla.policies  # noqa: F401  (registers tiny_vla with lerobot's factory)
 
     model_cfg = dict(model_cfg)
     model_type = model_cfg.get("type")
@@ -58,7 +60,8 @@ def build_policy_config(model_cfg: Mapping[str, Any], ds_meta: Any, device: str 
         fields = sorted(getattr(cls, "__dataclass_fields__", {}))
         bad = [k for k in kwargs if k not in fields]
         raise ConfigError(
-            f"model={model_type} has no field(s) {bad or list(kwargs)}; see {cls.__name__} for the allowed ones."
+            f"model={model_type} has no field(s) {bad or list(kwargs)}; "
+            f"see {cls.__name__} for the allowed ones."
         ) from e
     except ValueError as e:
         raise ConfigError(f"model={model_type}: {e}".splitlines()[0]) from e
@@ -78,5 +81,7 @@ def build_policy_config(model_cfg: Mapping[str, Any], ds_meta: Any, device: str 
     try:
         cfg.validate_features()
     except (ValueError, KeyError) as e:
-        raise DataError(f"Dataset {ds_meta.repo_id!r} does not fit model={model_type}: {e}".splitlines()[0]) from e
+        raise DataError(
+            f"Dataset {ds_meta.repo_id!r} does not fit model={model_type}: {e}".splitlines()[0]
+        ) from e
     return cfg

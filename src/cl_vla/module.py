@@ -81,7 +81,8 @@ class CLPolicyModule(L.LightningModule):
         if not torch.isfinite(total.detach()):
             raise NonFiniteLossError(
                 f"The training loss became {total.item()} at task {self.task}, step {self.step_in_task()}; "
-                "training stopped and the last good checkpoint is intact (lower trainer.lr or check the data)."
+                "training stopped and the last good checkpoint is intact "
+                "(lower trainer.lr or check the data)."
             )
         self._last_batch = pre
         bs = len(next(iter(v for v in pre.values() if isinstance(v, torch.Tensor))))

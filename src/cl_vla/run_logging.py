@@ -46,7 +46,9 @@ def wandb_run(loggers: Sequence[Logger]) -> Any | None:
     return None
 
 
-def log_row(loggers: Sequence[Logger], task: int, row: Sequence[float], step: int, prefix: str = "eval") -> None:
+def log_row(
+    loggers: Sequence[Logger], task: int, row: Sequence[float], step: int, prefix: str = "eval"
+) -> None:
     metrics = {f"{prefix}/task_{j:02d}": float(v) for j, v in enumerate(row) if np.isfinite(v)}
     seen = [v for v in row[: task + 1] if np.isfinite(v)]
     if seen:

@@ -86,7 +86,7 @@ class CLAlgorithm(ABC):
 
     # ---- hooks added by cl_vla (neutral defaults) -------------------------------------------------
 
-    def on_task_start(self, task_id: int, context: TaskContext | None = None) -> None:
+    def on_task_start(self, task_id: int, context: TaskContext | None = None) -> None:  # noqa: B027
         """Hook invoked before the first step of a task."""
 
     def training_tasks(self, task_id: int) -> list[int]:
@@ -105,15 +105,19 @@ class CLAlgorithm(ABC):
         """
         return []
 
-    def penalty(self, module: Any, batch: Mapping[str, Any], outputs: Mapping[str, Any]) -> torch.Tensor | None:
+    def penalty(
+        self, module: Any, batch: Mapping[str, Any], outputs: Mapping[str, Any]
+    ) -> torch.Tensor | None:
         """Extra loss term added to the policy loss inside ``training_step`` (EWC, SI, LwF...)."""
         return None
 
-    def after_backward(self, module: Any, batch: Mapping[str, Any]) -> None:
+    def after_backward(self, module: Any, batch: Mapping[str, Any]) -> None:  # noqa: B027
         """Edit gradients in place after ``backward`` and before the optimizer step (GEM, A-GEM)."""
 
     def hparams(self) -> dict[str, Any]:
         """Hyperparameters to log; defaults to the public scalar attributes."""
         return {
-            k: v for k, v in vars(self).items() if not k.startswith("_") and isinstance(v, int | float | str | bool)
+            k: v
+            for k, v in vars(self).items()
+            if not k.startswith("_") and isinstance(v, int | float | str | bool)
         }

@@ -1,0 +1,126 @@
+"""Bad input on the way into the loop: algorithm hyperparameters, config ranges, unknown choices.
+
+Each failure is one sentence naming the key and what is allowed; ``train.py`` prints it as the last
+stderr line and exits non-zero without a traceback.
+"""
+
+from __future__ import annotations
+
+import pytest
+from omegaconf import OmegaConf
+
+from cl_vla.cli import build_algorithm, run_main, validate_config
+from cl_vla.config import register_configs
+from cl_vla.errors import ConfigError
+from conftest import CONF_DIR, last_line, run_train, synthetic_overrides
+
+
+def compose(*overrides: str):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=list(overrides))
+
+
+@pytest.fixture(scope="module")
+def er_node() -> dict:
+    """The default ``algorithm`` group (ER) as composed, resolved to a plain dict."""
+    cfg = validate_config(compose())
+    assert cfg.algorithm.name == "er"
+    return OmegaConf.to_container(cfg.algorithm, resolve=True)
+
+
+def _er(er_node: dict, **changes):
+    return OmegaConf.create({**er_node, **changes})
+
+
+# ---- build_algorithm ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "fragment"),
+    [
+        ("replay_batch_ratio", 1.0, r"replay_batch_ratio must be in \[0, 1\), got 1\.0"),
+        ("replay_batch_ratio", -0.1, r"replay_batch_ratio must be in \[0, 1\), got -0\.1"),
+        ("buffer_size_per_task", 0, r"buffer_size_per_task must be a positive int, got 0"),
+        ("buffer_size_per_task", -5, r"buffer_size_per_task must be a positive int, got -5"),
+    ],
+)
+def test_er_out_of_range_is_one_sentence(er_node: dict, key: str, value: float, fragment: str) -> None:
+    with pytest.raises(ConfigError, match=fragment) as info:
+        build_algorithm(_er(er_node, **{key: value}))
+    assert "\n" not in str(info.value)
+
+
+def test_er_in_range_edges_build(er_node: dict) -> None:
+    algo = build_algorithm(_er(er_node, replay_batch_ratio=0.0, buffer_size_per_task=1))
+    assert algo.replay_batch_ratio == 0.0
+    assert algo.buffer_size_per_task == 1
+
+
+def test_unknown_algorithm_kwarg_is_named(er_node: dict) -> None:
+    with pytest.raises(ConfigError, match=r"algorithm=er could not be built: .*'not_a_kwarg'") as info:
+        build_algorithm(_er(er_node, not_a_kwarg=1))
+    assert "\n" not in str(info.value)
+
+
+def test_run_main_reports_bad_ratio_in_one_line(capsys) -> None:
+    with pytest.raises(SystemExit) as info:
+        run_main(compose("algorithm.replay_batch_ratio=-0.1", "dry_run=true"))
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert [ln for ln in err.splitlines() if ln.strip()] == [
+        "error: replay_batch_ratio must be in [0, 1), got -0.1."
+    ]
+
+
+# ---- validate_config ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("override", "fragment"),
+    [
+        (
+            "continual_learning.steps_per_task=0",
+            r"continual_learning\.steps_per_task=0 is not allowed; .*positive",
+        ),
+        ("data.normalization=bogus", r"data\.normalization='bogus' is not allowed; choose 'dataset'"),
+    ],
+)
+def test_validate_config_names_the_key(override: str, fragment: str) -> None:
+    with pytest.raises(ConfigError, match=fragment) as info:
+        validate_config(compose(override))
+    assert "\n" not in str(info.value)
+
+
+# ---- train.py (subprocess) --------------------------------------------------------------------------------
+
+
+def test_train_py_bad_replay_ratio(synthetic_libero) -> None:
+    root, repo_id, _ = synthetic_libero
+    proc = run_train(
+        [
+            "task_sequence=libero_spatial",
+            "algorithm.replay_batch_ratio=1.5",
+            "dry_run=true",
+            *synthetic_overrides(root, repo_id),
+        ],
+        timeout=180,
+    )
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    line = last_line(proc.stderr)
+    assert line.startswith("error: ")
+    assert "replay_batch_ratio" in line and "[0, 1)" in line and "1.5" in line
+
+
+def test_train_py_unknown_model_lists_choices() -> None:
+    proc = run_train(["model=nonexistent_model"], timeout=120)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    assert "model/nonexistent_model" in proc.stderr
+    assert "Available options" in proc.stderr
+    for choice in ("tiny_vla", "act", "diffusion", "smolvla"):
+        assert choice in proc.stderr
