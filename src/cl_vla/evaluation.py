@@ -35,13 +35,14 @@ def evaluate_heldout(
         torch.manual_seed(seed + 104_729)
         for k, task in enumerate(tasks):
             loader = dm.eval_loader(dm.data.heldout_dataset(task), rank, world)
-            for b, batch in enumerate(loader):
-                if max_batches is not None and b >= max_batches:
-                    break
-                n = len(batch["index"])
-                loss, _ = module.compute_loss(batch)
-                sums[k, 0] += float(loss) * n
-                sums[k, 1] += n
+            with module.algorithm.eval_context(task, module):
+                for b, batch in enumerate(loader):
+                    if max_batches is not None and b >= max_batches:
+                        break
+                    n = len(batch["index"])
+                    loss, _ = module.compute_loss(batch)
+                    sums[k, 0] += float(loss) * n
+                    sums[k, 1] += n
     if world > 1:
         sums = sums.to(module.device)
         dist.all_reduce(sums)

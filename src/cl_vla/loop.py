@@ -89,6 +89,7 @@ class ContinualRun:
             steps_per_task=self.S,
             reset_optimizer_per_task=t.reset_optimizer_per_task,
         )
+        algorithm.setup(self.module)
         self.module.save_extra = self._save_extra
         self.module.load_extra = self._load_extra
         self.module.after_step = self._after_step
@@ -218,6 +219,7 @@ def run_continual(
         # new task's on_task_start on top of the restored state, as the uninterrupted run did.
         run._load_extra(torch.load(run.resume_ckpt, map_location="cpu", weights_only=True))
         run.module.load_extra = None
+        algorithm.setup(run.module)
         _reattach(run)
     else:
         run._stats_for_task(0)

@@ -111,10 +111,23 @@ class CLPolicyModule(L.LightningModule):
         # Lightning calls this at every fit, i.e. at every task: a fresh optimizer unless configured
         # to carry its moments across tasks.
         if self._optimizer is None or self.reset_optimizer_per_task:
-            params = self.policy.get_optim_params() if hasattr(self.policy, "get_optim_params") else None
-            params = params if params is not None else self.policy.parameters()
-            self._optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+            self._optimizer = torch.optim.AdamW(
+                self._trainable_groups(), lr=self.lr, weight_decay=self.weight_decay
+            )
         return {"optimizer": self._optimizer}
+
+    def _trainable_groups(self) -> list[dict]:
+        """The policy's own parameter groups (lerobot's ``get_optim_params``), keeping only parameters
+        that train: algorithms freeze some (PackNet, LoRA adapters) before each task's fit."""
+        params = self.policy.get_optim_params() if hasattr(self.policy, "get_optim_params") else None
+        params = list(params if params is not None else self.policy.parameters())
+        groups = params if params and isinstance(params[0], dict) else [{"params": params}]
+        out = []
+        for g in groups:
+            kept = [p for p in g["params"] if p.requires_grad]
+            if kept:
+                out.append({**g, "params": kept})
+        return out
 
     def on_train_start(self) -> None:
         if self.clear_optimizer_on_start:

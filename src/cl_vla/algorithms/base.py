@@ -6,6 +6,7 @@ the algorithm's type.
 
 Order of calls for one task ``t`` (each rank under DDP calls every hook):
 
+    setup(module)              (once; again after a resume restored the state)
     on_task_start(t, ctx)
     training_tasks(t)          -> which tasks' frames form the current stream (multitask: all so far)
     replay_indices(n, rng)     -> dataset indices mixed into each batch at ``replay_batch_ratio``
@@ -16,6 +17,7 @@ Order of calls for one task ``t`` (each rank under DDP calls every hook):
         optimizer step; observe(batch, module=..., outputs=...)
     on_task_end(t, ctx)        (ER fills its buffer, EWC computes Fisher, LwF snapshots a teacher)
     state_dict()               -> saved with every checkpoint
+    eval_context(j, module)    -> wraps the evaluation of task j (masks, adapters)
 
 The first five abstract methods are the seed interface (``observe``, ``sample``, ``on_task_end``,
 ``state_dict``, ``load_state_dict``); the rest have neutral defaults.
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -85,6 +88,16 @@ class CLAlgorithm(ABC):
         """Restore a snapshot produced by :meth:`state_dict` exactly (nothing is re-sampled)."""
 
     # ---- hooks added by cl_vla (neutral defaults) -------------------------------------------------
+
+    def setup(self, module: Any) -> None:  # noqa: B027
+        """Called once the LightningModule exists, and again after a resume restored this algorithm's
+        state (before the weights are loaded): build what the saved state and weights need, e.g.
+        adapters or masks injected into ``module.policy``."""
+
+    def eval_context(self, task_id: int, module: Any) -> AbstractContextManager:
+        """Context in which task ``task_id`` is evaluated (PackNet applies its mask, per-task LoRA
+        selects the task's adapter). Unseen tasks are evaluated too, with their own ``task_id``."""
+        return nullcontext()
 
     def on_task_start(self, task_id: int, context: TaskContext | None = None) -> None:  # noqa: B027
         """Hook invoked before the first step of a task."""
