@@ -1,0 +1,169 @@
+"""From a data config and a task sequence to per-task train / held-out streams of one LeRobot dataset."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cl_vla.data.splits import split_episodes
+from cl_vla.data.task_sequences import (
+    TaskFilteredDataset,
+    TaskSequence,
+    TaskStream,
+    build_episode_task_map,
+    episode_frame_ranges,
+    resolve_task_indices,
+)
+from cl_vla.errors import DataError
+
+
+def ensure_synthetic(data_cfg: Any, sequence: TaskSequence, *, progress: bool = True) -> None:
+    """Write the synthetic dataset ``data_cfg`` asks for, for the sequence's instructions (cached)."""
+    from cl_vla.data.synthetic import SyntheticSpec, write_synthetic_dataset
+
+    syn = data_cfg.synthetic
+    instructions = list(dict.fromkeys(t for t in sequence.tasks if isinstance(t, str)))
+    if len(instructions) != len(set(sequence.tasks)):
+        raise DataError(
+            f"A synthetic dataset is written from instructions, but sequence {sequence.name!r} names "
+            "tasks by index; use instruction strings or a real dataset (data.root)."
+        )
+    spec = SyntheticSpec(
+        instructions=tuple(instructions),
+        episodes_per_task=int(syn.episodes_per_task),
+        frames_per_episode=int(syn.frames_per_episode),
+        image_size=int(syn.image_size),
+        fps=int(syn.fps),
+        seed=int(syn.seed),
+        use_videos=bool(syn.use_videos),
+    )
+    write_synthetic_dataset(data_cfg.root, data_cfg.repo_id, spec, progress=progress)
+
+
+def open_dataset(
+    repo_id: str,
+    root: str | os.PathLike | None,
+    delta_timestamps: Mapping[str, Sequence[float]] | None = None,
+    video_backend: str | None = None,
+):
+    """Open a LeRobot dataset from ``root`` (a local copy) or from a hub by ``repo_id``."""
+    import datasets
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset
+
+    datasets.disable_progress_bars()  # one "Map" bar per episode filter buries the run's own output
+
+    if root is not None:
+        root = Path(root).expanduser()
+        if not (root / "meta" / "info.json").is_file():
+            raise DataError(
+                f"No LeRobot dataset at data.root={str(root)!r} (meta/info.json is missing); "
+                "point data.root at a dataset directory or use data=synthetic."
+            )
+    try:
+        return LeRobotDataset(
+            repo_id,
+            root=root,
+            delta_timestamps=dict(delta_timestamps) if delta_timestamps else None,
+            video_backend=video_backend,
+        )
+    except DataError:
+        raise
+    except Exception as e:  # lerobot raises many kinds; the user needs to know which dataset failed and why
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        if root is None and offline:
+            raise DataError(
+                f"Dataset {repo_id!r} is not on disk and the hub is off (HF_HUB_OFFLINE=1); give "
+                "data.root=<local copy>."
+            ) from e
+        raise DataError(f"Could not open dataset {repo_id!r}: {type(e).__name__}: {e}".splitlines()[0]) from e
+
+
+@dataclass
+class ContinualData:
+    """One dataset seen as the ordered tasks of a sequence, each split into train and held-out episodes."""
+
+    dataset: Any
+    sequence: TaskSequence
+    streams: list[TaskStream]
+    episode_task_map: dict[int, list[int]]
+
+    def train_dataset(self, position: int) -> TaskFilteredDataset:
+        s = self.streams[position]
+        return TaskFilteredDataset(self.dataset, [s.task_index], self.episode_task_map, s.train_episodes)
+
+    def heldout_dataset(self, position: int) -> TaskFilteredDataset:
+        s = self.streams[position]
+        return TaskFilteredDataset(self.dataset, [s.task_index], self.episode_task_map, s.heldout_episodes)
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.streams)
+
+    @property
+    def task_names(self) -> list[str]:
+        return [s.name for s in self.streams]
+
+
+def build_continual_data(
+    dataset: Any, sequence: TaskSequence, heldout_fraction: float, split_seed: int = 0
+) -> ContinualData:
+    """Resolve the sequence against ``dataset.meta.tasks`` and split every task's episodes."""
+    task_indices = resolve_task_indices(sequence, dataset.meta)
+    ep_map = build_episode_task_map(dataset)
+    names = [str(t) if isinstance(t, str) else _task_text(dataset.meta, t) for t in sequence.tasks]
+    splits = split_episodes(ep_map, task_indices, heldout_fraction, split_seed, task_names=names)
+    ranges = episode_frame_ranges(dataset)
+    streams = []
+    for pos, (task, name) in enumerate(zip(task_indices, names, strict=True)):
+        train, held = splits[task]
+        streams.append(
+            TaskStream(
+                position=pos,
+                name=name,
+                task_index=task,
+                train_episodes=train,
+                heldout_episodes=held,
+                num_train_frames=sum(ranges[e][1] - ranges[e][0] for e in train),
+                num_heldout_frames=sum(ranges[e][1] - ranges[e][0] for e in held),
+                env_task=sequence.env_tasks[pos] if sequence.env_tasks else None,
+            )
+        )
+    return ContinualData(dataset, sequence, streams, ep_map)
+
+
+def _task_text(meta: Any, index: int) -> str:
+    for text, idx in meta.tasks["task_index"].items():
+        if int(idx) == index:
+            return str(text)
+    return f"task {index}"
+
+
+def task_table(data: ContinualData):
+    """A rich table: one row per task with its dataset index, episodes and frames."""
+    from rich.table import Table
+
+    t = Table(title=f"{data.sequence.name}: {data.num_tasks} tasks from {data.dataset.repo_id}")
+    for col, kw in [
+        ("#", {"justify": "right"}),
+        ("task", {"overflow": "fold", "max_width": 60}),
+        ("task_index", {"justify": "right"}),
+        ("train eps", {"justify": "right"}),
+        ("held-out eps", {"justify": "right"}),
+        ("train frames", {"justify": "right"}),
+        ("held-out frames", {"justify": "right"}),
+    ]:
+        t.add_column(col, **kw)
+    for s in data.streams:
+        t.add_row(
+            str(s.position),
+            s.name,
+            str(s.task_index),
+            str(len(s.train_episodes)),
+            str(len(s.heldout_episodes)),
+            str(s.num_train_frames),
+            str(s.num_heldout_frames),
+        )
+    return t
