@@ -44,6 +44,7 @@ def _fingerprint(cfg: DictConfig, data: ContinualData) -> dict[str, Any]:
     return {
         "task_sequence": data.task_names,
         "model": cfg.model.type,
+        "lora": bool(cfg.model.get("lora")),
         "algorithm": cfg.algorithm.get("name", cfg.algorithm["_target_"]),
         "steps_per_task": int(cfg.continual_learning.steps_per_task),
         "seed": int(cfg.seed),
@@ -74,6 +75,9 @@ class ContinualRun:
 
         self.policy_cfg = policy_cfg
         self.policy = make_policy(policy_cfg, ds_meta=data.dataset.meta)
+        from cl_vla.lora_utils import apply_model_lora
+
+        apply_model_lora(self.policy, cfg.model.get("lora"))  # plain LoRA fine-tuning, when configured
         self.norm = NormalizationChoice.parse(cfg.data.normalization)
         self.stats: dict | None = None
         t = cfg.trainer
