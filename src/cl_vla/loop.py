@@ -275,11 +275,27 @@ def _record_rank_state(run: ContinualRun) -> None:
     """Under DDP, each rank writes a digest of its algorithm state so ranks can be checked to agree."""
     if run.trainer.world_size <= 1:
         return
-    blob = json.dumps(run.algorithm.state_dict(), sort_keys=True, default=str).encode()
+    digest = hashlib.sha256()
+    _hash_into(digest, run.algorithm.state_dict())
     atomic_write_json(
         run.run_dir / "rank_states" / f"rank{run.trainer.global_rank}.json",
-        {"task": run.state.task - 1, "sha256": hashlib.sha256(blob).hexdigest()},
+        {"task": run.state.task - 1, "sha256": digest.hexdigest()},
     )
+
+
+def _hash_into(digest: Any, obj: Any) -> None:
+    """Feed a state (tensors by their bytes, containers in key order) into ``digest``."""
+    if isinstance(obj, torch.Tensor):
+        digest.update(obj.detach().cpu().contiguous().numpy().tobytes())
+    elif isinstance(obj, dict):
+        for k in sorted(obj, key=str):
+            digest.update(str(k).encode())
+            _hash_into(digest, obj[k])
+    elif isinstance(obj, list | tuple):
+        for x in obj:
+            _hash_into(digest, x)
+    else:
+        digest.update(repr(obj).encode())
 
 
 def _finish(run: ContinualRun, console: Console) -> float | None:

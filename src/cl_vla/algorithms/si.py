@@ -1,0 +1,247 @@
+"""Synaptic Intelligence (Zenke, Poole & Ganguli 2017): importance from the path integral of training.
+
+Every optimizer step ``s`` of task ``t`` adds each parameter's share of the loss decrease,
+
+    omega_i += -g_i(s) * delta_i(s)          (g: the task loss's gradient, delta: the applied update)
+
+and at the task's end the importance is consolidated and the parameters are anchored:
+
+    Omega_i <- max(0, Omega_i + omega_i / (Delta_i^2 + xi)),   Delta = theta(end of t) - theta(start of t)
+    penalty = c * sum_i Omega_i (theta_i - theta*_i)^2
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from cl_vla.algorithms.base import CLAlgorithm, TaskContext
+
+_STATE_VERSION = 1
+
+
+def _finite(value: Any, low: float, low_inclusive: bool) -> bool:
+    if isinstance(value, bool):
+        return False
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return False
+    return math.isfinite(v) and (v >= low if low_inclusive else v > low)
+
+
+def _trainable(module: Any) -> dict[str, Tensor]:
+    return {n: p for n, p in module.policy.named_parameters() if p.requires_grad}
+
+
+def _loss_scale(module: Any) -> float:
+    """The AMP GradScaler's current scale (1 without one): under ``16-mixed`` the gradients seen in
+    ``after_backward`` are still scaled, Lightning unscales them only just before clipping."""
+    try:
+        scaler = module.trainer.precision_plugin.scaler
+    except (AttributeError, RuntimeError):  # no trainer attached (tests, plain modules)
+        return 1.0
+    if scaler is None or not getattr(scaler, "is_enabled", lambda: True)():
+        return 1.0
+    return float(scaler.get_scale())
+
+
+class SI(CLAlgorithm):
+    """Synaptic Intelligence over the policy's trainable parameters (``module.policy.named_parameters()``).
+
+    - **Which gradient.** :meth:`after_backward` reads ``p.grad`` right after ``backward``: that is
+      *before* gradient clipping (Lightning clips later, just before the optimizer step) and that is
+      what the path integral needs: ``-g . delta`` estimates the loss change of the step, with ``g``
+      the loss's true gradient and ``delta`` the update actually applied (clipping, Adam's scaling and
+      weight decay shape ``delta``, which :meth:`observe` measures after the step). ``p.grad`` there is
+      the gradient of the *total* loss, so SI's own penalty gradient ``2c Omega (theta - theta*)`` is
+      subtracted (it is known exactly): ``omega`` accumulates the task loss's path integral only, as in
+      the paper. Under fp16 AMP the GradScaler's scale is divided out; under DDP the gradients are
+      already averaged over ranks, so every rank accumulates the same ``omega``.
+    - **Start of a task** is read at its first step (the parameters before that step's update), not in
+      ``on_task_start``: on a task-boundary resume the weights are restored only when training starts.
+    - **Omega is clamped at zero** when consolidating, as in the authors' code (ganguli-lab/pathint:
+      ``relu`` of the running sum): with noisy gradients a parameter's ``omega`` can come out negative,
+      and a negative ``Omega`` would make the penalty unbounded below (rewarding drift from the anchor).
+    - **Exact resume.** :meth:`state_dict` holds ``omega``, ``Omega``, the anchor and the task's start.
+      The per-step buffers between ``after_backward`` and ``observe`` are not saved: the loop
+      checkpoints only after ``observe``.
+
+    Args:
+        si_c: Penalty strength ``c`` (>= 0).
+        xi: Damping ``xi`` (> 0) in ``omega / (Delta^2 + xi)``, for parameters that barely moved.
+    """
+
+    name = "si"
+
+    def __init__(self, si_c: float = 0.1, xi: float = 1e-3) -> None:
+        self._check_hparams(si_c, xi)
+        self.si_c = float(si_c)
+        self.xi = float(xi)
+        self._omega: dict[str, Tensor] = {}  # running path integral of the current task
+        self._big_omega: dict[str, Tensor] = {}  # consolidated importance of finished tasks
+        self._anchor: dict[str, Tensor] = {}  # theta* at the end of the last finished task
+        self._start: dict[str, Tensor] = {}  # theta at the start of the current task
+        self._pending: dict[str, tuple[Tensor, Tensor]] = {}  # name -> (gradient, theta before the step)
+        self._module: Any = None
+        self.tasks_consolidated: list[int] = []
+
+    @staticmethod
+    def _check_hparams(si_c: Any, xi: Any) -> None:
+        if not _finite(si_c, 0.0, low_inclusive=True):
+            raise ValueError(f"si_c must be a finite number >= 0, got {si_c!r}.")
+        if not _finite(xi, 0.0, low_inclusive=False):
+            raise ValueError(f"xi must be a finite number > 0, got {xi!r}.")
+
+    # ---- per step -------------------------------------------------------------------------------
+
+    def setup(self, module: Any) -> None:
+        """Remember the module, for :meth:`on_task_end` without a context."""
+        self._module = module
+
+    def after_backward(self, module: Any, batch: Mapping[str, Any]) -> None:
+        """Record each parameter's task-loss gradient and its value before the optimizer step."""
+        self._module = module
+        params = _trainable(module)
+        if not self._start:
+            self._start = {n: p.detach().clone() for n, p in params.items()}
+        scale = _loss_scale(module)
+        self._pending = {}
+        for n, p in params.items():
+            if p.grad is None:
+                continue  # unused this step: no gradient, and the optimizer leaves it (nearly) alone
+            g = p.grad.detach().to(torch.promote_types(p.dtype, torch.float32), copy=True)
+            if scale != 1.0:
+                g.div_(scale)
+            if n in self._big_omega and self.si_c != 0.0:
+                omega, anchor = self._to(self._big_omega, n, p), self._to(self._anchor, n, p)
+                g.sub_((2.0 * self.si_c) * omega * (p.detach() - anchor))
+            self._pending[n] = (g, p.detach().clone())
+
+    def observe(self, batch: Mapping[str, Any], **kwargs: Any) -> None:
+        """After the optimizer step: ``omega += -g * (theta_after - theta_before)``."""
+        module = kwargs.get("module")
+        module = self._module if module is None else module
+        if module is None or not self._pending:
+            return
+        params = dict(module.policy.named_parameters())
+        for n, (g, before) in self._pending.items():
+            p = params.get(n)
+            if p is None:
+                continue
+            delta = p.detach().to(g.dtype) - before.to(g.dtype)
+            # A step skipped on an AMP overflow has delta 0 and an inf gradient: count it as 0, not NaN.
+            contrib = (-g * delta).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+            if n in self._omega:
+                self._omega[n] = self._to(self._omega, n, contrib).add_(contrib)
+            else:
+                self._omega[n] = contrib
+        self._pending = {}
+
+    @staticmethod
+    def _to(store: dict[str, Tensor], name: str, like: Tensor) -> Tensor:
+        """``store[name]`` on ``like``'s device (moved once and kept: a restored state is on the CPU)."""
+        t = store[name]
+        if t.device != like.device:
+            store[name] = t = t.to(like.device)
+        return t
+
+    # ---- the penalty ----------------------------------------------------------------------------
+
+    def penalty(self, module: Any, batch: Mapping[str, Any], outputs: Mapping[str, Any]) -> Tensor | None:
+        """``c * sum_i Omega_i (theta_i - theta*_i)^2``; None before the first task ends."""
+        if not self._big_omega or self.si_c == 0.0:
+            return None
+        total: Tensor | None = None
+        for n, p in module.policy.named_parameters():
+            if n not in self._big_omega:
+                continue
+            omega, anchor = self._to(self._big_omega, n, p), self._to(self._anchor, n, p)
+            term = (omega.to(p.dtype) * (p - anchor.to(p.dtype)).square()).sum()
+            total = term if total is None else total + term
+        return None if total is None else total * self.si_c
+
+    # ---- task boundary --------------------------------------------------------------------------
+
+    def on_task_end(self, task_id: int, context: TaskContext | None = None) -> None:
+        """``Omega <- max(0, Omega + omega / (Delta^2 + xi))``; anchor at the current parameters; reset."""
+        module = context.module if context is not None and context.module is not None else self._module
+        if module is None:
+            raise ValueError(
+                "SI.on_task_end needs the module: pass a TaskContext with module or call setup()."
+            )
+        for n, p in _trainable(module).items():
+            theta = p.detach().to(torch.promote_types(p.dtype, torch.float32))
+            start = self._to(self._start, n, p).to(theta.dtype) if n in self._start else theta
+            omega = self._to(self._omega, n, p) if n in self._omega else torch.zeros_like(theta)
+            new = omega / ((theta - start).square() + self.xi)
+            if n in self._big_omega:
+                new = new + self._to(self._big_omega, n, p)
+            self._big_omega[n] = new.clamp_(min=0.0)
+            self._anchor[n] = p.detach().clone()
+        self._omega, self._start, self._pending = {}, {}, {}
+        self.tasks_consolidated.append(int(task_id))
+
+    # ---- the seed's interface -------------------------------------------------------------------
+
+    def sample(self, batch_size: int) -> dict[str, Tensor]:
+        """Per-parameter importance ``Omega`` (copies; ``{}`` before any task ended). ``batch_size`` is
+        ignored (the seed's signature)."""
+        return {n: o.detach().clone() for n, o in self._big_omega.items()}
+
+    def path_integral(self) -> dict[str, Tensor]:
+        """The current task's running ``omega`` (copies)."""
+        return {n: o.detach().clone() for n, o in self._omega.items()}
+
+    def anchor(self) -> dict[str, Tensor]:
+        """``theta*``: the parameters at the end of the last finished task (copies)."""
+        return {n: a.detach().clone() for n, a in self._anchor.items()}
+
+    # ---- checkpointing --------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Hyperparameters, ``omega``, ``Omega``, anchor and task start (CPU tensor copies)."""
+
+        def cpu(d: Mapping[str, Tensor]) -> dict[str, Tensor]:
+            return {n: t.detach().to("cpu", copy=True) for n, t in d.items()}
+
+        return {
+            "name": self.name,
+            "version": _STATE_VERSION,
+            "si_c": self.si_c,
+            "xi": self.xi,
+            "omega": cpu(self._omega),
+            "big_omega": cpu(self._big_omega),
+            "anchor": cpu(self._anchor),
+            "start": cpu(self._start),
+            "tasks_consolidated": list(self.tasks_consolidated),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a :meth:`state_dict` snapshot exactly (hyperparameters included)."""
+        if state.get("name", self.name) != self.name:
+            raise ValueError(f"state is for algorithm {state.get('name')!r}, not {self.name!r}.")
+        if state.get("version", _STATE_VERSION) != _STATE_VERSION:
+            raise ValueError(f"unsupported SI state version {state.get('version')!r}; expected 1.")
+        self._check_hparams(state["si_c"], state["xi"])
+        if state["big_omega"].keys() != state["anchor"].keys():
+            raise ValueError("SI state has importance and anchor entries for different parameters.")
+        self.si_c, self.xi = float(state["si_c"]), float(state["xi"])
+
+        def copy(d: Mapping[str, Tensor]) -> dict[str, Tensor]:
+            return {str(n): t.clone() for n, t in d.items()}
+
+        self._omega, self._big_omega = copy(state["omega"]), copy(state["big_omega"])
+        self._anchor, self._start = copy(state["anchor"]), copy(state["start"])
+        self.tasks_consolidated = [int(t) for t in state.get("tasks_consolidated", [])]
+        self._pending = {}
+
+    def __repr__(self) -> str:
+        return f"SI(si_c={self.si_c}, xi={self.xi}, tasks_consolidated={self.tasks_consolidated})"
+
+
+__all__ = ["SI"]
