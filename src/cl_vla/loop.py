@@ -286,7 +286,7 @@ def _record_rank_state(run: ContinualRun) -> None:
 def _hash_into(digest: Any, obj: Any) -> None:
     """Feed a state (tensors by their bytes, containers in key order) into ``digest``."""
     if isinstance(obj, torch.Tensor):
-        digest.update(obj.detach().cpu().contiguous().numpy().tobytes())
+        digest.update(obj.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     elif isinstance(obj, dict):
         for k in sorted(obj, key=str):
             digest.update(str(k).encode())
