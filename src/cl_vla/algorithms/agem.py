@@ -1,0 +1,81 @@
+"""Averaged GEM (A-GEM; Chaudhry, Ranzato, Rohrbach & Elhoseiny, ICLR 2019).
+
+GEM's K constraints (one per past task) become one: a reference gradient ``g_ref`` on a random batch of
+the episodic memory drawn across all past tasks. If the current gradient ``g`` conflicts with it
+(``g . g_ref < 0``), ``g`` is projected onto the half-space ``{x : x . g_ref >= 0}``:
+
+    g <- g - (g . g_ref / g_ref . g_ref) g_ref
+
+One extra forward/backward of ``memory_batch_size`` frames per step, whatever the number of tasks.
+The memory, its checkpointing, how frames are loaded and the DDP averaging of ``g_ref`` are GEM's
+(:class:`cl_vla.algorithms.gem.EpisodicGradientAlgorithm`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from cl_vla.algorithms.gem import EpisodicGradientAlgorithm, flat_grad, trainable_parameters, write_flat_grad
+
+
+def agem_project(g: torch.Tensor, g_ref: torch.Tensor) -> torch.Tensor:
+    """``g`` if ``g . g_ref >= 0`` (or ``g_ref`` is zero), else ``g - (g . g_ref / g_ref . g_ref) g_ref``."""
+    if g.shape != g_ref.shape or g.ndim != 1:
+        raise ValueError(f"agem_project needs two vectors of one shape, got {g.shape} and {g_ref.shape}.")
+    dot = torch.dot(g, g_ref)
+    ref_sq = torch.dot(g_ref, g_ref)
+    if not bool(dot < 0) or not bool(ref_sq > 0):
+        return g
+    return g - (dot / ref_sq) * g_ref
+
+
+class AGEM(EpisodicGradientAlgorithm):
+    """A-GEM: one averaged memory gradient per step constrains the update.
+
+    Args:
+        memory_per_task: References kept per finished task (LIBERO's A-GEM: 1000 per task).
+        memory_batch_size: Frames of the reference batch, drawn without replacement across all stored
+            tasks (all of them when fewer are stored): A-GEM's authors use 256. Unlike GEM it may
+            exceed ``memory_per_task``, since the batch spans every past task's memory.
+        seed: Seeds the memory selection and the per-step reference batches.
+    """
+
+    name = "agem"
+    _batch_within_task = False
+
+    def __init__(self, memory_per_task: int = 1000, memory_batch_size: int = 256, seed: int = 0) -> None:
+        # A-GEM has no margin: the projection is exactly onto the constraint's boundary.
+        super().__init__(memory_per_task, memory_batch_size, 0.0, seed)
+
+    def after_backward(self, module: Any, batch: Mapping[str, Any]) -> None:
+        """Project the current gradient when it conflicts with the memory's reference gradient."""
+        if not self._memory.task_ids():
+            return
+        params = trainable_parameters(module)
+        pairs = self._draw_across(self._step_rng(), self.memory_batch_size)
+        g_ref = self._average_over_ranks(self._memory_gradient(module, params, pairs))
+        self.num_steps += 1  # only once the step's draw was used: a failed step is drawn again
+        g = flat_grad(params).detach()
+        projected = agem_project(g, g_ref)
+        changed = projected is not g
+        if changed:
+            write_flat_grad(params, projected)
+            self.num_projections += 1
+        self._log(module, "train/agem_projected", float(changed))
+
+    def hparams(self) -> dict[str, Any]:
+        return {k: v for k, v in super().hparams().items() if k != "margin"}
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state.pop("margin")
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict({**state, "margin": 0.0})
+
+
+__all__ = ["AGEM", "agem_project"]

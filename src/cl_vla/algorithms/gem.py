@@ -1,0 +1,521 @@
+"""Gradient Episodic Memory (GEM; Lopez-Paz & Ranzato, NeurIPS 2017).
+
+An episodic memory keeps ``memory_per_task`` frames of every finished task (as references into the
+dataset, like ER). At every step, after backward, the gradient ``g_k`` of each past task's memory loss
+is computed; if the current gradient ``g`` has a negative inner product with any of them, ``g`` is
+replaced by the closest vector (in L2) that has none: the dual QP
+
+    min_v  1/2 v^T G G^T v + g^T G^T v,   v >= 0,        g~ = G^T v + g      (G: one g_k per row)
+
+solved here through a K x K non-negative least-squares problem (K = number of past tasks), so no QP
+package is needed. ``margin`` is the paper's ``memory_strength`` γ: its code solves with ``v >= γ``,
+which is the same as projecting ``g + γ G^T 1`` (a push towards the past tasks' gradients).
+
+This module also holds what GEM shares with A-GEM (:mod:`cl_vla.algorithms.agem`): the episodic
+memory and the memory-gradient machinery (:class:`EpisodicGradientAlgorithm`).
+
+Memory frames: the references are read through ``context.make_loader`` (the run's DataLoader and
+collate, kept from the last task hook) with ``num_workers=0``, since starting worker processes at
+every step would cost more than decoding a memory batch; after a mid-task resume no hook has run yet,
+and a plain DataLoader with the default collate (what ``make_loader`` uses) stands in.
+
+Under DDP the current gradient is already averaged over ranks when ``after_backward`` runs, but the
+memory gradients are computed locally (each rank draws its own memory batch): they are all-reduced
+(averaged) so every rank projects identically and the replicas stay equal. With fp16 loss scaling the
+current gradient is still scaled when ``after_backward`` runs: the projection without margin (and
+A-GEM's) does not depend on that scale, the margin term does (bf16 and fp32 have no scaler).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from scipy.optimize import nnls
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
+
+from cl_vla.algorithms.base import CLAlgorithm, TaskContext
+from cl_vla.algorithms.er import reservoir_sample
+
+_STATE_VERSION = 1
+
+# Distinct SeedSequence words keep the memory selection and the per-step draws independent streams.
+_POPULATE_STREAM = 11
+_STEP_STREAM = 12
+_SAMPLE_STREAM = 13
+
+_KIND_FRAME_INDICES = "frame_indices"  # global indices into ``dataset.base_dataset``
+_KIND_POSITIONS = "positions"  # positions into the dataset handed to ``populate``
+
+
+def _entropy(seed: int) -> int:
+    # SeedSequence rejects negative entropy; configs may still carry a negative seed.
+    return int(seed) % (1 << 64)
+
+
+def _positive_int(name: str, value: Any) -> int:
+    ok = not isinstance(value, bool)
+    try:
+        ok = ok and int(value) == value and int(value) > 0
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"{name} must be a positive int, got {value!r}.")
+    return int(value)
+
+
+def _non_negative_float(name: str, value: Any) -> float:
+    try:
+        ok = not isinstance(value, bool) and math.isfinite(float(value)) and float(value) >= 0
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}.")
+    return float(value)
+
+
+def _check_task_id(task_id: Any) -> int:
+    if isinstance(task_id, bool) or not isinstance(task_id, int | np.integer) or int(task_id) < 0:
+        raise ValueError(f"task_id must be a non-negative int, got {task_id!r}.")
+    return int(task_id)
+
+
+# ---- the projections (pure math, tested on their own) -----------------------------------------------
+
+
+def gem_project(g: torch.Tensor, G: torch.Tensor, margin: float = 0.0) -> torch.Tensor:
+    """GEM's projection of the gradient ``g`` (shape ``(n,)``) against past gradients ``G`` (``(K, n)``).
+
+    Returns ``g`` itself when ``G @ g >= 0`` already holds. Otherwise returns ``g + G^T v`` with ``v``
+    the solution of the dual QP ``min 1/2 v^T G G^T v + g^T G^T v`` subject to ``v >= margin``: for
+    ``margin = 0`` the closest vector to ``g`` with ``G @ g~ >= 0``; for ``margin > 0`` the closest such
+    vector to ``g + margin * G^T 1``. The K x K dual is solved exactly as non-negative least squares on
+    a square root of ``G G^T`` (rank-deficient ``G``, e.g. two equal past gradients, is fine).
+    """
+    if G.ndim != 2 or g.ndim != 1 or G.shape[1] != g.shape[0]:
+        raise ValueError(
+            f"gem_project needs g of shape (n,) and G of shape (K, n), got {g.shape} and {G.shape}."
+        )
+    margin = _non_negative_float("margin", margin)
+    if G.shape[0] == 0:
+        return g
+    dots = G @ g
+    if not bool((dots < 0).any()):
+        return g
+    gram = (G @ G.T).double().cpu().numpy()
+    gram = 0.5 * (gram + gram.T)
+    # Shift v = margin + w (w >= 0): the linear term becomes G (g + margin G^T 1).
+    c = dots.double().cpu().numpy() + margin * gram.sum(axis=1)
+    lam, U = np.linalg.eigh(gram)
+    keep = lam > max(float(lam.max()), 0.0) * 1e-10
+    if not keep.any():  # every past gradient is zero: nothing constrains g
+        return g
+    # With gram = A^T A (A = sqrt(lam) U^T), 1/2 w^T gram w + c^T w = 1/2 |A w - b|^2 + const for
+    # A^T b = -c; c lies in the range of gram (it is G times a vector), so b exists.
+    A = np.sqrt(lam[keep])[:, None] * U[:, keep].T
+    b = -(U[:, keep].T @ c) / np.sqrt(lam[keep])
+    w, _ = nnls(A, b, maxiter=50 * max(10, G.shape[0]))
+    v = torch.as_tensor(w + margin, dtype=G.dtype, device=G.device)
+    return g + G.T @ v
+
+
+# ---- episodic memory ---------------------------------------------------------------------------------
+
+
+class EpisodicMemory:
+    """Per-task reservoir samples of dataset references (no frames), exact to checkpoint.
+
+    Like :class:`~cl_vla.algorithms.er.ReplayBuffer`: a dataset with ``frame_indices`` (a
+    ``TaskFilteredDataset``) gives global indices into its ``base_dataset``, any other dataset
+    positions into itself; the selection is Algorithm R seeded by ``(seed, task)`` only, so every DDP
+    rank holds the same memory without communicating.
+    """
+
+    def __init__(self, per_task: int, seed: int) -> None:
+        self.per_task = _positive_int("memory_per_task", per_task)
+        self.seed = int(seed)
+        self._refs: dict[int, np.ndarray] = {}
+        self._kinds: dict[int, str] = {}
+        self._datasets: dict[int, Any] = {}
+
+    def populate(self, task_id: int, dataset: Any) -> None:
+        """Select up to ``per_task`` references of ``dataset`` for ``task_id`` (replacing any earlier)."""
+        task_id = _check_task_id(task_id)
+        frame_indices = getattr(dataset, "frame_indices", None)
+        if frame_indices is not None:
+            stream, kind = np.asarray(frame_indices, dtype=np.int64).reshape(-1), _KIND_FRAME_INDICES
+        else:
+            stream, kind = np.arange(len(dataset), dtype=np.int64), _KIND_POSITIONS
+        if len(stream) == 0:
+            raise ValueError(f"cannot fill the episodic memory of task {task_id} from an empty dataset.")
+        rng = np.random.default_rng([_entropy(self.seed), _POPULATE_STREAM, task_id])
+        self._refs[task_id] = reservoir_sample(stream, self.per_task, rng)
+        self._kinds[task_id] = kind
+        self._datasets[task_id] = dataset
+
+    def attach(self, task_id: int, dataset: Any) -> None:
+        """Give a task restored from a checkpoint its dataset back (its references point into it)."""
+        task_id = _check_task_id(task_id)
+        if task_id not in self._refs:
+            raise KeyError(f"task {task_id} has no episodic memory; stored tasks are {self.task_ids()}.")
+        source = self._source(task_id, dataset)
+        refs = self._refs[task_id]
+        if hasattr(source, "__len__") and len(refs) and int(refs.max()) >= len(source):
+            raise ValueError(
+                f"dataset for task {task_id} has {len(source)} items but the memory references reach "
+                f"{int(refs.max())}; attach the dataset the task was populated from."
+            )
+        self._datasets[task_id] = dataset
+
+    def _source(self, task_id: int, dataset: Any) -> Any:
+        if self._kinds[task_id] == _KIND_FRAME_INDICES:
+            return getattr(dataset, "base_dataset", dataset)
+        return dataset
+
+    def task_ids(self) -> list[int]:
+        return sorted(self._refs)
+
+    def size(self, task_id: int) -> int:
+        refs = self._refs.get(int(task_id))
+        return 0 if refs is None else len(refs)
+
+    def __len__(self) -> int:
+        return sum(len(r) for r in self._refs.values())
+
+    def refs(self, task_id: int) -> np.ndarray:
+        """The stored references of ``task_id`` (a copy)."""
+        return self._refs[int(task_id)].copy()
+
+    def dataset(self, pairs: Sequence[tuple[int, int]]) -> Dataset:
+        """The items at ``(task_id, position in that task's memory)`` pairs, as one dataset."""
+        missing = sorted({t for t, _ in pairs if t not in self._datasets})
+        if missing:
+            raise RuntimeError(
+                f"no dataset attached for memory task(s) {missing} restored from a checkpoint; call "
+                "attach_dataset(task_id, dataset) for each first."
+            )
+        parts: list[Dataset] = []
+        for task_id, pos in pairs:
+            ref = int(self._refs[task_id][pos])
+            source = self._source(task_id, self._datasets[task_id])
+            # Consecutive items of one task go into one Subset; ConcatDataset keeps the given order.
+            if parts and isinstance(parts[-1], Subset) and parts[-1].dataset is source:
+                parts[-1].indices.append(ref)
+            else:
+                parts.append(Subset(source, [ref]))
+        return parts[0] if len(parts) == 1 else ConcatDataset(parts)
+
+    def memory_bytes(self) -> int:
+        return int(sum(r.nbytes for r in self._refs.values()))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {str(t): {"kind": self._kinds[t], "refs": self._refs[t].tolist()} for t in self.task_ids()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        refs: dict[int, np.ndarray] = {}
+        kinds: dict[int, str] = {}
+        for key, entry in state.items():
+            task_id = _check_task_id(int(key))
+            if entry["kind"] not in (_KIND_FRAME_INDICES, _KIND_POSITIONS):
+                raise ValueError(f"unknown memory reference kind {entry['kind']!r} for task {task_id}.")
+            refs[task_id] = np.asarray(entry["refs"], dtype=np.int64).reshape(-1)
+            kinds[task_id] = entry["kind"]
+        # An attached dataset stays only where the restored task still reads from the same kind.
+        keep = {t: d for t, d in self._datasets.items() if t in refs and self._kinds.get(t) == kinds[t]}
+        self._refs, self._kinds, self._datasets = refs, kinds, keep
+
+
+# ---- gradients -------------------------------------------------------------------------------------
+
+
+def _policy(module: Any) -> torch.nn.Module:
+    return getattr(module, "policy", module)
+
+
+def trainable_parameters(module: Any) -> list[torch.nn.Parameter]:
+    """The policy's parameters that train (what ``CLPolicyModule`` hands the optimizer)."""
+    return [p for p in _policy(module).parameters() if p.requires_grad]
+
+
+def flat_grad(
+    params: Sequence[torch.Tensor], grads: Iterable[torch.Tensor | None] | None = None
+) -> torch.Tensor:
+    """``params``' gradients (``.grad`` unless ``grads`` is given) as one vector; ``None`` counts as 0."""
+    grads = [p.grad for p in params] if grads is None else list(grads)
+    return torch.cat(
+        [(torch.zeros_like(p) if gr is None else gr).reshape(-1) for p, gr in zip(params, grads, strict=True)]
+    )
+
+
+def write_flat_grad(params: Sequence[torch.Tensor], vector: torch.Tensor) -> None:
+    """Copy ``vector`` into ``params``' ``.grad`` in place (creating missing ones)."""
+    offset = 0
+    for p in params:
+        n = p.numel()
+        chunk = vector[offset : offset + n].view_as(p)
+        if p.grad is None:
+            p.grad = chunk.detach().clone()
+        else:
+            p.grad.copy_(chunk)
+        offset += n
+
+
+def _distributed() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, list | tuple):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch
+
+
+def _module_device(module: Any, params: Sequence[torch.Tensor]) -> torch.device:
+    device = getattr(module, "device", None)
+    if isinstance(device, torch.device):
+        return device
+    return params[0].device if params else torch.device("cpu")
+
+
+class EpisodicGradientAlgorithm(CLAlgorithm):
+    """What GEM and A-GEM share: an episodic memory filled at task ends and memory gradients.
+
+    Subclasses implement :meth:`after_backward`. Nothing is replayed into the training batches
+    (``replay_batch_ratio`` stays 0): the memory only constrains the gradient.
+    """
+
+    name = "episodic_gradient"
+    #: GEM needs every batch drawn inside one task's memory to fit; A-GEM draws across all tasks.
+    _batch_within_task = True
+
+    def __init__(
+        self, memory_per_task: int = 256, memory_batch_size: int = 256, margin: float = 0.0, seed: int = 0
+    ) -> None:
+        self._check_hparams(memory_per_task, memory_batch_size, margin)
+        self.memory_per_task = int(memory_per_task)
+        self.memory_batch_size = int(memory_batch_size)
+        self.margin = float(margin)
+        self.seed = int(seed)
+        self._memory = EpisodicMemory(self.memory_per_task, self.seed)
+        self._make_loader: Callable[..., Iterable[dict]] | None = None
+        #: Gradient edits done so far (the step counter that seeds each step's memory draw) and how
+        #: many of them changed the gradient; both checkpointed so a resume draws the same batches.
+        self.num_steps = 0
+        self.num_projections = 0
+        self._sample_calls = 0
+
+    @classmethod
+    def _check_hparams(cls, memory_per_task: Any, memory_batch_size: Any, margin: Any) -> None:
+        per_task = _positive_int("memory_per_task", memory_per_task)
+        batch = _positive_int("memory_batch_size", memory_batch_size)
+        _non_negative_float("margin", margin)
+        if cls._batch_within_task and per_task < batch:
+            raise ValueError(
+                f"memory_per_task={per_task} is smaller than one memory batch (memory_batch_size={batch}); "
+                "it must hold at least memory_batch_size frames."
+            )
+
+    # ---- hooks ----------------------------------------------------------------------------------
+
+    def observe(self, batch: Mapping[str, Any], **kwargs: Any) -> None:
+        """No-op: the memory is filled from the whole task dataset at its end."""
+
+    def on_task_start(self, task_id: int, context: TaskContext | None = None) -> None:
+        if context is not None and context.make_loader is not None:
+            self._make_loader = context.make_loader
+
+    def on_task_end(self, task_id: int, context: TaskContext | None = None) -> None:
+        """Select ``memory_per_task`` references of ``context.train_dataset`` for ``task_id``."""
+        if context is None:
+            return
+        if context.make_loader is not None:
+            self._make_loader = context.make_loader
+        if context.train_dataset is not None:
+            self._memory.populate(task_id, context.train_dataset)
+
+    def attach_dataset(self, task_id: int, dataset: Any) -> None:
+        """Called by the loop after a resume for every finished task (see ``ReplayBuffer``)."""
+        self._memory.attach(task_id, dataset)
+
+    def sample(self, batch_size: int) -> list[dict]:
+        """The seed interface: ``batch_size`` memory frames drawn uniformly (empty before any task ends)."""
+        rng = np.random.default_rng([_entropy(self.seed), _SAMPLE_STREAM, self._sample_calls])
+        self._sample_calls += 1
+        pairs = self._draw_across(rng, int(batch_size), replace=True)
+        ds = self._memory.dataset(pairs) if pairs else None
+        return [] if ds is None else [ds[i] for i in range(len(ds))]
+
+    def hparams(self) -> dict[str, Any]:
+        """The constructor's arguments (the step counters are state, not hyperparameters)."""
+        return {
+            "memory_per_task": self.memory_per_task,
+            "memory_batch_size": self.memory_batch_size,
+            "margin": self.margin,
+            "seed": self.seed,
+        }
+
+    def memory_bytes(self) -> int:
+        """Bytes held between steps: 8 per stored reference (frames stay in the dataset)."""
+        return self._memory.memory_bytes()
+
+    # ---- memory draws and gradients ---------------------------------------------------------------
+
+    @property
+    def memory(self) -> EpisodicMemory:
+        return self._memory
+
+    def _step_rng(self) -> np.random.Generator:
+        # A pure function of (seed, rank, step): ranks draw different frames, a resume the same ones.
+        rank, _ = _distributed()
+        return np.random.default_rng([_entropy(self.seed), _STEP_STREAM, rank, self.num_steps])
+
+    def _draw_within(self, rng: np.random.Generator, task_id: int) -> list[tuple[int, int]]:
+        size = self._memory.size(task_id)
+        n = min(self.memory_batch_size, size)
+        return [(task_id, int(p)) for p in np.sort(rng.choice(size, size=n, replace=False))]
+
+    def _draw_across(
+        self, rng: np.random.Generator, num: int, replace: bool = False
+    ) -> list[tuple[int, int]]:
+        tasks = self._memory.task_ids()
+        if not tasks or num <= 0:
+            return []
+        sizes = np.array([self._memory.size(t) for t in tasks])
+        total = int(sizes.sum())
+        flat = rng.choice(total, size=num if replace else min(num, total), replace=replace)
+        if not replace:
+            flat = np.sort(flat)
+        owner = np.searchsorted(np.cumsum(sizes), flat, side="right")
+        starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        return [(tasks[o], int(f - starts[o])) for o, f in zip(owner, flat, strict=True)]
+
+    def _load_batch(self, pairs: Sequence[tuple[int, int]]) -> dict:
+        ds = self._memory.dataset(pairs)
+        kwargs = {"batch_size": len(ds), "shuffle": False, "num_workers": 0}
+        loader = (
+            self._make_loader(ds, **kwargs) if self._make_loader is not None else DataLoader(ds, **kwargs)
+        )
+        return next(iter(loader))
+
+    def _memory_gradient(
+        self, module: Any, params: Sequence[torch.Tensor], pairs: Sequence[tuple[int, int]]
+    ) -> torch.Tensor:
+        """The gradient of the policy loss on the memory frames ``pairs``, leaving ``.grad`` untouched."""
+        batch = _to_device(self._load_batch(pairs), _module_device(module, params))
+        with torch.enable_grad():
+            loss, _ = module.compute_loss(batch)
+            grads = torch.autograd.grad(loss, list(params), allow_unused=True)
+        return flat_grad(params, grads).detach()
+
+    @staticmethod
+    def _average_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
+        _, world = _distributed()
+        if world > 1:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+            tensor /= world
+        return tensor
+
+    @staticmethod
+    def _log(module: Any, name: str, value: float) -> None:
+        # Only inside a Trainer: LightningModule.log outside one warns or fails.
+        if getattr(module, "_trainer", None) is not None and hasattr(module, "log"):
+            module.log(name, value, batch_size=1)
+
+    # ---- checkpointing ----------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Hyperparameters, memory references per task and the step counters (plain values only)."""
+        return {
+            "name": self.name,
+            "version": _STATE_VERSION,
+            "memory_per_task": self.memory_per_task,
+            "memory_batch_size": self.memory_batch_size,
+            "margin": self.margin,
+            "seed": self.seed,
+            "num_steps": self.num_steps,
+            "num_projections": self.num_projections,
+            "sample_calls": self._sample_calls,
+            "memory": self._memory.state_dict(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` exactly; datasets already attached to kept tasks stay attached."""
+        if state.get("name", self.name) != self.name:
+            raise ValueError(f"state is for algorithm {state.get('name')!r}, not {self.name!r}.")
+        if state.get("version", _STATE_VERSION) != _STATE_VERSION:
+            raise ValueError(f"unsupported {self.name} state version {state.get('version')!r}; expected 1.")
+        self._check_hparams(state["memory_per_task"], state["memory_batch_size"], state["margin"])
+        seed, num_steps = int(state["seed"]), int(state["num_steps"])
+        num_projections, sample_calls = int(state["num_projections"]), int(state.get("sample_calls", 0))
+        self._memory.load_state_dict(state["memory"])  # validates everything before replacing anything
+        self._memory.per_task, self._memory.seed = int(state["memory_per_task"]), seed
+        self.memory_per_task = int(state["memory_per_task"])
+        self.memory_batch_size = int(state["memory_batch_size"])
+        self.margin = float(state["margin"])
+        self.seed, self.num_steps, self.num_projections = seed, num_steps, num_projections
+        self._sample_calls = sample_calls
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(memory_per_task={self.memory_per_task}, "
+            f"memory_batch_size={self.memory_batch_size}, margin={self.margin}, seed={self.seed}, "
+            f"tasks={ {t: self._memory.size(t) for t in self._memory.task_ids()} })"
+        )
+
+
+class GEM(EpisodicGradientAlgorithm):
+    """Gradient Episodic Memory: never let a step increase a past task's memory loss (to first order).
+
+    Args:
+        memory_per_task: References kept per finished task (the paper: 256).
+        memory_batch_size: Memory frames per past task and step; the whole memory (the paper) when
+            equal to ``memory_per_task``; lower it to bound the cost of K extra forward/backward passes.
+        margin: The paper's ``memory_strength`` γ >= 0 (0.5 in its experiments).
+        seed: Seeds the memory selection and the per-step memory draws.
+    """
+
+    name = "gem"
+
+    def __init__(
+        self, memory_per_task: int = 256, memory_batch_size: int = 256, margin: float = 0.5, seed: int = 0
+    ) -> None:
+        super().__init__(memory_per_task, memory_batch_size, margin, seed)
+
+    def after_backward(self, module: Any, batch: Mapping[str, Any]) -> None:
+        """Project the current gradient when it conflicts with a past task's memory gradient."""
+        tasks = self._memory.task_ids()
+        if not tasks:
+            return
+        params = trainable_parameters(module)
+        rng = self._step_rng()
+        G = torch.stack([self._memory_gradient(module, params, self._draw_within(rng, t)) for t in tasks])
+        G = self._average_over_ranks(G)
+        self.num_steps += 1  # only once the step's draw was used: a failed step is drawn again
+        g = flat_grad(params).detach()
+        projected = gem_project(g, G, self.margin)
+        changed = projected is not g
+        if changed:
+            write_flat_grad(params, projected)
+            self.num_projections += 1
+        self._log(module, "train/gem_projected", float(changed))
+
+
+__all__ = [
+    "GEM",
+    "EpisodicGradientAlgorithm",
+    "EpisodicMemory",
+    "flat_grad",
+    "gem_project",
+    "trainable_parameters",
+    "write_flat_grad",
+]
