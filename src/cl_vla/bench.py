@@ -24,40 +24,57 @@ def _decoded_bytes(dataset) -> int:
     return sum(v.numel() * v.element_size() for v in item.values() if isinstance(v, torch.Tensor))
 
 
-def run_one(algo: str, steps: int, batch: int, workers: int, out: Path, extra: list[str]) -> dict:
+def run_in_process(overrides: list[str], out_dir: Path, algorithm_hook=None) -> tuple[dict, object, object]:
+    """Compose ``conf/`` with ``overrides``, train in this process into ``out_dir``.
+
+    Returns ``(results, algorithm, data)``; ``results`` is what :func:`cl_vla.reporting.read_results`
+    reads back from ``out_dir``.
+    """
     from hydra import compose, initialize_config_dir
 
     from cl_vla.cli import build_algorithm, prepare_data, validate_config
     from cl_vla.config import register_configs
-    from cl_vla.data.task_sequences import get_task_sequence
     from cl_vla.loop import run_continual
     from cl_vla.paths import conf_dir
     from cl_vla.reporting import read_results
 
     register_configs()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        cfg = compose("config", overrides=[*overrides, f"output_dir={out_dir}"])
+    cfg = validate_config(cfg)
+    algorithm = build_algorithm(cfg.algorithm)
+    if algorithm_hook is not None:
+        algorithm_hook(algorithm)
+    data, policy_cfg = prepare_data(cfg)
+    run_continual(cfg, data, policy_cfg, algorithm, console=Console(quiet=True))
+    return read_results(out_dir), algorithm, data
+
+
+def sequence_overrides(name: str, tasks: list[str]) -> list[str]:
+    return [
+        "task_sequence=custom",
+        f"task_sequence.name={name}",
+        "task_sequence.tasks=[" + ",".join(f"'{t}'" for t in tasks) + "]",
+    ]
+
+
+def run_one(algo: str, steps: int, batch: int, workers: int, out: Path, extra: list[str]) -> dict:
+    from cl_vla.data.task_sequences import get_task_sequence
+
     tasks = list(get_task_sequence("libero_spatial").tasks[:2])
     overrides = [
         f"algorithm={algo}",
-        "task_sequence=custom",
-        "task_sequence.name=bench2",
-        "task_sequence.tasks=[" + ",".join(f"'{t}'" for t in tasks) + "]",
+        *sequence_overrides("bench2", tasks),
         f"continual_learning.steps_per_task={steps}",
         f"data.batch_size={batch}",
         f"data.num_workers={workers}",
         "eval.max_batches=1",
         "logger=none",
         "trainer.progress_bar=false",
-        f"output_dir={out / algo}",
         *extra,
     ]
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        cfg = compose("config", overrides=overrides)
-    cfg = validate_config(cfg)
-    algorithm = build_algorithm(cfg.algorithm)
-    data, policy_cfg = prepare_data(cfg)
-    (out / algo).mkdir(parents=True, exist_ok=True)
-    run_continual(cfg, data, policy_cfg, algorithm, console=Console(quiet=True))
-    res = read_results(out / algo)
+    res, algorithm, data = run_in_process(overrides, out / algo)
     stored = len(algorithm) if hasattr(algorithm, "__len__") else 0
     return {
         "steps_per_s": steps / res["extra"]["train_seconds"][1],
