@@ -17,17 +17,26 @@ def build_loggers(cfg: DictConfig, run_dir: Path, run_name: str) -> list[Logger]
     loggers: list[Logger] = []
     lc = cfg.logger
     if lc.wandb.enabled and lc.wandb.mode != "disabled":
+        from cl_vla.sweep import current_job_sweep
+
         os.environ.setdefault("WANDB_SILENT", "true")
+        config = OmegaConf.to_container(cfg, resolve=True)
+        # In a multirun, the sweep is the W&B group and the swept values are tags and config keys
+        # (`sweep.swept.<key>`), so runs tables and parallel coordinates need no manual setup.
+        sweep = current_job_sweep(cfg)
+        if sweep is not None:
+            config["sweep"] = sweep.config()
+        group = lc.wandb.group or cfg.experiment.group or (sweep.group if sweep else cfg.experiment.name)
         loggers.append(
             WandbLogger(
                 project=lc.wandb.project,
                 entity=lc.wandb.entity,
-                group=lc.wandb.group or cfg.experiment.group or cfg.experiment.name,
+                group=group,
                 name=run_name,
-                tags=list(lc.wandb.tags),
+                tags=[*lc.wandb.tags, *(sweep.tags if sweep else [])],
                 mode=lc.wandb.mode,
                 save_dir=str(run_dir),
-                config=OmegaConf.to_container(cfg, resolve=True),
+                config=config,
                 # A fresh run per job, so Hydra multirun jobs never merge into one W&B run.
                 reinit="finish_previous",
             )
