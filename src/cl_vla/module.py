@@ -158,5 +158,20 @@ class CLPolicyModule(L.LightningModule):
             self.save_extra(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        _start_fresh_epoch_after_completed_one(checkpoint)
         if self.load_extra is not None:
             self.load_extra(checkpoint)
+
+
+def _start_fresh_epoch_after_completed_one(checkpoint: dict) -> None:
+    """A checkpoint written at a task boundary holds a completed epoch whose in-epoch batch counter
+    is full. Lightning restores that counter into the next task's epoch, ends it after one batch and
+    starts another that replays the task's first batches. An uninterrupted run starts the next
+    task's epoch at zero, so the restored counter is reset the same way."""
+    fit = checkpoint.get("loops", {}).get("fit_loop", {})
+    epoch, batches = fit.get("epoch_progress"), fit.get("epoch_loop.batch_progress")
+    if not epoch or not batches:
+        return
+    if epoch["current"]["completed"] == epoch["current"]["ready"]:
+        batches["current"] = {k: 0 for k in batches["current"]}
+        batches["is_last_batch"] = False
