@@ -19,6 +19,15 @@ from pathlib import Path
 import numpy as np
 
 SPEC = {"episodes_per_task": 10, "frames_per_episode": 8, "image_size": 16}
+# CPU-sized costs (the YAML defaults are the papers'): memory gradients and Fisher estimates over a
+# few dozen frames, so a 4-task run stays under a minute on two cores. Pass --paper-defaults to skip.
+CPU_SIZED = {
+    "gem": ["algorithm.memory_batch_size=16", "algorithm.memory_per_task=64"],
+    "agem": ["algorithm.memory_batch_size=16"],
+    "ewc": ["algorithm.fisher_samples=48"],
+    "ewc_online": ["algorithm.fisher_samples=48"],
+    "mir": ["algorithm.mir_candidates=16", "algorithm.k=4"],
+}
 
 
 def main() -> None:
@@ -27,6 +36,7 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--tasks", type=int, default=4)
+    p.add_argument("--paper-defaults", action="store_true", help="no CPU-sized memory/Fisher settings")
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -62,6 +72,7 @@ def main() -> None:
                     f"seed={seed}",
                     "logger=none",
                     "trainer.progress_bar=false",
+                    *([] if args.paper_defaults else CPU_SIZED.get(algo, [])),
                 ]
                 try:
                     res, _, _ = run_in_process(overrides, Path(tmp) / f"{algo}_{seed}")
