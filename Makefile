@@ -11,7 +11,7 @@ export WANDB_MODE ?= offline
 export MUJOCO_GL ?= egl
 export PYOPENGL_PLATFORM ?= egl
 
-.PHONY: help install sysdeps run test test-fast lint format bench clean
+.PHONY: help install sysdeps run test test-fast lint format bench sweep clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -48,6 +48,9 @@ format: install  ## apply ruff fixes and formatting
 
 bench: install  ## speed and memory benchmarks (prints figures and ratios)
 	$(PY) -m cl_vla.bench $(ARGS)
+
+sweep: install  ## short CPU smoke sweep and its report (make sweep ARGS="seed=0,1,2")
+	bash experiments/smoke_sweep.sh $(ARGS)
 
 clean:  ## remove generated runs and caches (keeps .venv)
 	rm -rf outputs multirun wandb lightning_logs .pytest_cache .ruff_cache
