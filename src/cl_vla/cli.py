@@ -34,6 +34,10 @@ def validate_config(cfg: DictConfig) -> DictConfig:
     NormalizationChoice.parse(cfg.data.normalization)
     if cfg.eval.type not in ("heldout", "sim"):
         raise ConfigError(f"eval.type={cfg.eval.type!r} is not allowed; choose {one_of(['heldout', 'sim'])}.")
+    if cfg.eval.type == "sim":
+        from cl_vla.evaluation import check_sim_config
+
+        check_sim_config(cfg)
     if "_target_" not in cfg.algorithm:
         raise ConfigError("algorithm has no _target_; pick a choice of conf/algorithm/ (e.g. algorithm=er).")
     return cfg
@@ -71,6 +75,10 @@ def prepare_data(cfg: DictConfig, policy_type_cfg: Any | None = None):
     seq = TaskSequence.from_mapping(OmegaConf.to_container(cfg.task_sequence, resolve=True))
     if cfg.data.synthetic is not None:
         ensure_synthetic(cfg.data, seq)
+    if cfg.data.get("record") is not None:
+        from cl_vla.envs.metaworld_record import ensure_recorded
+
+        ensure_recorded(cfg.data, seq)
     root = cfg.data.root
     ds = open_dataset(cfg.data.repo_id, root, None, cfg.data.video_backend)  # validates root / hub first
     meta: LeRobotDatasetMetadata = ds.meta
@@ -107,9 +115,24 @@ def run_main(cfg: DictConfig) -> float | None:
         _fail(f"a package this configuration needs is missing: {e}")
 
 
+class JobFailed(CLVLAError):
+    """One job of a Hydra multirun failed; the others go on and the report lists it."""
+
+
 def _fail(message: str) -> None:
-    print(f"error: {message.strip().splitlines()[0]}", file=sys.stderr)
+    line = message.strip().splitlines()[0]
+    print(f"error: {line}", file=sys.stderr)
+    if _in_multirun():
+        # sys.exit would end the whole sweep; an exception marks just this job failed.
+        raise JobFailed(line) from None
     sys.exit(2)
+
+
+def _in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def _task_table(data):
