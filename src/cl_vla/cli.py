@@ -82,7 +82,7 @@ def prepare_data(cfg: DictConfig, policy_type_cfg: Any | None = None):
     root = cfg.data.root
     ds = open_dataset(cfg.data.repo_id, root, None, cfg.data.video_backend)  # validates root / hub first
     meta: LeRobotDatasetMetadata = ds.meta
-    policy_cfg = build_policy_config(OmegaConf.to_container(cfg.model, resolve=True), meta)
+    policy_cfg = build_policy_config(OmegaConf.to_container(cfg.model, resolve=True), meta, _device(cfg))
     in_memory, visual = split_deltas(resolve_delta_timestamps(policy_cfg, meta), meta.features)
     if visual:
         ds = open_dataset(cfg.data.repo_id, root, visual, cfg.data.video_backend)
@@ -90,6 +90,16 @@ def prepare_data(cfg: DictConfig, policy_type_cfg: Any | None = None):
         ds = WindowedDataset(ds, in_memory)
     data = build_continual_data(ds, seq, cfg.data.heldout_fraction, cfg.data.split_seed)
     return data, policy_cfg
+
+
+def _device(cfg: DictConfig) -> str:
+    """Where lerobot's device step puts batches: where Lightning puts the policy."""
+    import torch
+
+    acc = str(cfg.trainer.accelerator)
+    if acc in ("gpu", "cuda") or (acc == "auto" and torch.cuda.is_available()):
+        return "cuda"
+    return "cpu"
 
 
 def run_main(cfg: DictConfig) -> float | None:
