@@ -121,3 +121,43 @@ def synthetic_libero(synthetic_dataset_factory) -> tuple[Path, str, object]:
     root = _SESSION_TMP / "datasets" / "synthetic_libero_spatial"
     write_synthetic_dataset(root, SYNTHETIC_REPO_ID, spec)
     return root, SYNTHETIC_REPO_ID, spec
+
+
+def two_task_run(algo: str, synthetic_libero, run_dir: Path, *extra: str) -> tuple[dict, dict]:
+    """``train.py`` with ``algorithm=<algo>`` on LIBERO-Spatial's first two instructions, 5 steps each.
+
+    Asserts the run succeeded and wrote a 2x2 matrix; returns ``(results.json, task_01.ckpt)`` so a
+    test can check what the algorithm saved after a real run.
+    """
+    import json
+
+    import torch
+
+    from cl_vla.data.task_sequences import get_task_sequence
+
+    root, repo_id, _ = synthetic_libero
+    tasks = list(get_task_sequence("libero_spatial").tasks[:2])
+    proc = run_train(
+        [
+            f"algorithm={algo}",
+            *extra,
+            "task_sequence=custom",
+            f"task_sequence.name={algo}2",
+            "task_sequence.tasks=[" + ",".join(f"'{t}'" for t in tasks) + "]",
+            *synthetic_overrides(root, repo_id),
+            "trainer.progress_bar=false",
+            "trainer.warmup_steps=2",
+            "data.num_workers=0",
+            "data.batch_size=4",
+            "model.image_size=16",
+            "continual_learning.steps_per_task=5",
+            "logger=none",
+            f"hydra.run.dir={run_dir}",
+        ],
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["extra"]["algorithm"] == algo and len(results["matrix"]) == 2
+    ckpt = torch.load(run_dir / "checkpoints" / "task_01.ckpt", map_location="cpu", weights_only=True)
+    return results, ckpt

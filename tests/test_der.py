@@ -8,7 +8,6 @@ The math uses a tiny float64 chunk policy (from test_lwf) and a list dataset who
 from __future__ import annotations
 
 import io
-import json
 
 import numpy as np
 import pytest
@@ -17,7 +16,7 @@ from torch.utils.data import DataLoader
 
 from cl_vla.algorithms.base import TaskContext
 from cl_vla.algorithms.der import DERpp, take_rows
-from conftest import run_train, synthetic_overrides
+from conftest import two_task_run
 from test_lwf import ACT, CHUNK, ChunkPolicy, fake_module, perturb
 
 OFFSET = 100  # items' dataset ``index`` = OFFSET + position
@@ -221,34 +220,8 @@ def test_inconsistent_state_is_rejected() -> None:
 
 @pytest.mark.slow
 def test_derpp_end_to_end(synthetic_libero, tmp_path) -> None:
-    from cl_vla.data.task_sequences import get_task_sequence
-
-    root, repo_id, _ = synthetic_libero
-    tasks = list(get_task_sequence("libero_spatial").tasks[:2])
-    run_dir = tmp_path / "run"
-    proc = run_train(
-        [
-            "algorithm=derpp",
-            "algorithm.buffer_size_per_task=8",
-            "task_sequence=custom",
-            "task_sequence.name=der2",
-            "task_sequence.tasks=[" + ",".join(f"'{t}'" for t in tasks) + "]",
-            *synthetic_overrides(root, repo_id),
-            "trainer.progress_bar=false",
-            "trainer.warmup_steps=2",
-            "data.num_workers=0",
-            "data.batch_size=4",
-            "model.image_size=16",
-            "continual_learning.steps_per_task=5",
-            "logger=none",
-            f"hydra.run.dir={run_dir}",
-        ],
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads((run_dir / "results.json").read_text())
-    assert results["extra"]["algorithm"] == "derpp" and len(results["matrix"]) == 2
-    state = torch.load(run_dir / "checkpoints" / "task_01.ckpt", weights_only=True)["cl_vla"]["algorithm"]
+    _, ckpt = two_task_run("derpp", synthetic_libero, tmp_path / "run", "algorithm.buffer_size_per_task=8")
+    state = ckpt["cl_vla"]["algorithm"]
     for t in ("0", "1"):
         refs = state["tasks"][t]["refs"]
         assert state["outputs"][t].shape[0] == len(refs) == 8 and torch.isfinite(state["outputs"][t]).all()

@@ -7,7 +7,6 @@ Most tests use a tiny float64 policy behind a minimal stand-in for the Lightning
 from __future__ import annotations
 
 import io
-import json
 import os
 import socket
 import warnings
@@ -19,7 +18,7 @@ from torch.utils.data import DataLoader
 
 from cl_vla.algorithms.base import TaskContext
 from cl_vla.algorithms.ewc import EWC
-from conftest import run_train, synthetic_overrides
+from conftest import two_task_run
 
 # ---------------------------------------------------------------------------------------- harness
 
@@ -293,35 +292,8 @@ def test_ddp_ranks_hold_the_same_fisher_as_one_process(tmp_path) -> None:
 
 @pytest.mark.slow
 def test_ewc_online_end_to_end(synthetic_libero, tmp_path) -> None:
-    from cl_vla.data.task_sequences import get_task_sequence
-
-    root, repo_id, _ = synthetic_libero
-    tasks = list(get_task_sequence("libero_spatial").tasks[:2])
-    run_dir = tmp_path / "run"
-    proc = run_train(
-        [
-            "algorithm=ewc_online",
-            "algorithm.fisher_samples=8",
-            "algorithm.fisher_batch_size=4",
-            "task_sequence=custom",
-            "task_sequence.name=ewc2",
-            "task_sequence.tasks=[" + ",".join(f"'{t}'" for t in tasks) + "]",
-            *synthetic_overrides(root, repo_id),
-            "trainer.progress_bar=false",
-            "trainer.warmup_steps=2",
-            "data.num_workers=0",
-            "data.batch_size=4",
-            "model.image_size=16",
-            "continual_learning.steps_per_task=5",
-            "logger=none",
-            f"hydra.run.dir={run_dir}",
-        ],
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads((run_dir / "results.json").read_text())
-    assert results["extra"]["algorithm"] == "ewc_online"
-    assert len(results["matrix"]) == 2
-    state = torch.load(run_dir / "checkpoints" / "task_01.ckpt", weights_only=True)["cl_vla"]["algorithm"]
+    extra = ("algorithm.fisher_samples=8", "algorithm.fisher_batch_size=4")
+    _, ckpt = two_task_run("ewc_online", synthetic_libero, tmp_path / "run", *extra)
+    state = ckpt["cl_vla"]["algorithm"]
     assert state["mode"] == "online" and list(state["importance"]) == ["1"]
     assert all(torch.isfinite(f).all() for f in state["importance"]["1"].values())

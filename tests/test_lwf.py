@@ -16,7 +16,7 @@ from torch import nn
 
 from cl_vla.algorithms.base import TaskContext
 from cl_vla.algorithms.lwf import LwF, masked_distance
-from conftest import run_train, synthetic_overrides
+from conftest import two_task_run
 
 CHUNK, ACT = 3, 2
 
@@ -251,33 +251,7 @@ def test_tiny_vla_teacher_matches_an_unchanged_student() -> None:
 
 @pytest.mark.slow
 def test_lwf_end_to_end(synthetic_libero, tmp_path) -> None:
-    from cl_vla.data.task_sequences import get_task_sequence
-
-    root, repo_id, _ = synthetic_libero
-    tasks = list(get_task_sequence("libero_spatial").tasks[:2])
-    run_dir = tmp_path / "run"
-    proc = run_train(
-        [
-            "algorithm=lwf",
-            "task_sequence=custom",
-            "task_sequence.name=lwf2",
-            "task_sequence.tasks=[" + ",".join(f"'{t}'" for t in tasks) + "]",
-            *synthetic_overrides(root, repo_id),
-            "trainer.progress_bar=false",
-            "trainer.warmup_steps=2",
-            "data.num_workers=0",
-            "data.batch_size=4",
-            "model.image_size=16",
-            "continual_learning.steps_per_task=5",
-            "logger=none",
-            f"hydra.run.dir={run_dir}",
-        ],
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads((run_dir / "results.json").read_text())
-    assert results["extra"]["algorithm"] == "lwf" and len(results["matrix"]) == 2
-    ckpt = torch.load(run_dir / "checkpoints" / "task_01.ckpt", weights_only=True)
+    _, ckpt = two_task_run("lwf", synthetic_libero, tmp_path / "run")
     teacher = ckpt["cl_vla"]["algorithm"]["teacher"]
     # Taken at the end of the last task, the teacher is exactly the final policy.
     assert set(teacher) == {k.removeprefix("policy.") for k in ckpt["state_dict"] if k.startswith("policy.")}

@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import default_collate
 
 from cl_vla.algorithms.mir import MIR, interference_scores, per_sample_losses, select_top
-from conftest import run_train, synthetic_overrides
+from conftest import two_task_run
 
 # ---------------------------------------------------------------------------------------- harness
 
@@ -220,34 +220,7 @@ def test_bad_hyperparameters_are_one_sentence(kwargs: dict, match: str) -> None:
 
 @pytest.mark.slow
 def test_mir_end_to_end(synthetic_libero, tmp_path) -> None:
-    from cl_vla.data.task_sequences import get_task_sequence
-
-    root, repo_id, _ = synthetic_libero
-    tasks = list(get_task_sequence("libero_spatial").tasks[:2])
-    run_dir = tmp_path / "run"
-    proc = run_train(
-        [
-            "algorithm=mir",
-            "algorithm.buffer_size_per_task=8",
-            "algorithm.mir_candidates=6",
-            "algorithm.k=2",
-            "task_sequence=custom",
-            "task_sequence.name=mir2",
-            "task_sequence.tasks=[" + ",".join(f"'{t}'" for t in tasks) + "]",
-            *synthetic_overrides(root, repo_id),
-            "trainer.progress_bar=false",
-            "trainer.warmup_steps=2",
-            "data.num_workers=0",
-            "data.batch_size=4",
-            "model.image_size=16",
-            "continual_learning.steps_per_task=5",
-            "logger=none",
-            f"hydra.run.dir={run_dir}",
-        ],
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads((run_dir / "results.json").read_text())
-    assert results["extra"]["algorithm"] == "mir" and len(results["matrix"]) == 2
-    state = torch.load(run_dir / "checkpoints" / "task_01.ckpt", weights_only=True)["cl_vla"]["algorithm"]
+    extra = ("algorithm.buffer_size_per_task=8", "algorithm.mir_candidates=6", "algorithm.k=2")
+    _, ckpt = two_task_run("mir", synthetic_libero, tmp_path / "run", *extra)
+    state = ckpt["cl_vla"]["algorithm"]
     assert (state["mir_candidates"], state["k"]) == (6, 2) and sorted(state["tasks"]) == ["0", "1"]

@@ -8,7 +8,6 @@ one short run goes through ``train.py`` end to end.
 from __future__ import annotations
 
 import io
-import json
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ from torch import nn
 
 from cl_vla.algorithms.base import TaskContext
 from cl_vla.algorithms.si import SI
-from conftest import run_train, synthetic_overrides
+from conftest import two_task_run
 
 A = torch.tensor([1.0, 4.0, 0.5], dtype=torch.float64)  # curvature per coordinate
 
@@ -150,33 +149,8 @@ def test_bad_values_rejected(kwargs: dict, match: str) -> None:
 
 @pytest.mark.slow
 def test_si_end_to_end(synthetic_libero, tmp_path) -> None:
-    from cl_vla.data.task_sequences import get_task_sequence
-
-    root, repo_id, _ = synthetic_libero
-    tasks = list(get_task_sequence("libero_spatial").tasks[:2])
-    run_dir = tmp_path / "run"
-    proc = run_train(
-        [
-            "algorithm=si",
-            "task_sequence=custom",
-            "task_sequence.name=si2",
-            "task_sequence.tasks=[" + ",".join(f"'{t}'" for t in tasks) + "]",
-            *synthetic_overrides(root, repo_id),
-            "trainer.progress_bar=false",
-            "trainer.warmup_steps=2",
-            "data.num_workers=0",
-            "data.batch_size=4",
-            "model.image_size=16",
-            "continual_learning.steps_per_task=5",
-            "logger=none",
-            f"hydra.run.dir={run_dir}",
-        ],
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads((run_dir / "results.json").read_text())
-    assert results["extra"]["algorithm"] == "si" and len(results["matrix"]) == 2
-    state = torch.load(run_dir / "checkpoints" / "task_01.ckpt", weights_only=True)["cl_vla"]["algorithm"]
+    _, ckpt = two_task_run("si", synthetic_libero, tmp_path / "run")
+    state = ckpt["cl_vla"]["algorithm"]
     assert state["tasks_consolidated"] == [0, 1] and state["omega"] == {}
     omegas = list(state["big_omega"].values())
     assert omegas and all(torch.isfinite(o).all() and (o >= 0).all() for o in omegas)
