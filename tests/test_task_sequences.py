@@ -130,7 +130,7 @@ def test_mw_short() -> None:
     seq = get_task_sequence("mw_short")
     assert len(seq) == 3
     assert seq.suite == "metaworld"
-    assert list(seq.env_tasks) == ["reach-v3", "button-press-topdown-v3", "drawer-close-v3"]
+    assert list(seq.env_tasks) == ["plate-slide-v3", "drawer-open-v3", "button-press-topdown-v3"]
 
 
 def test_list_task_sequences_names_every_shipped_sequence() -> None:

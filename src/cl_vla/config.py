@@ -42,10 +42,27 @@ class SyntheticDataConfig:
 
 
 @dataclass
+class MetaworldRecordConfig:
+    """``data.record``: scripted-expert Meta-World demonstrations (:mod:`cl_vla.envs.metaworld_record`)."""
+
+    episodes_per_task: int = 20  # successful episodes kept per task
+    max_steps: int = 200  # an expert episode not successful by then is dropped (next seed tried)
+    cameras: list[str] = field(default_factory=lambda: ["corner2"])
+    image_size: int = 64
+    environment_state: bool = True  # also record Meta-World's 39-d state as observation.environment_state
+    fps: int = 80
+    seed: int = 0  # demonstrations use seeds seed, seed+1, ...; eval=sim refuses these
+    action_noise: float = 0.0  # std of noise on the executed (not the recorded) action
+    use_videos: bool = False
+    num_workers: int = 2  # recording processes (0: in this process)
+
+
+@dataclass
 class DataConfig:
     repo_id: str = MISSING
     root: str | None = None  # a local copy; None: lerobot's cache / a hub download where reachable
     synthetic: SyntheticDataConfig | None = None  # set: write a synthetic LIBERO-schema dataset at `root`
+    record: MetaworldRecordConfig | None = None  # set: record Meta-World demonstrations at `root`
     heldout_fraction: float = 0.2  # share of each task's episodes kept for evaluation
     split_seed: int = 0
     normalization: str = "dataset"  # dataset | first_task | seen_tasks
@@ -113,9 +130,13 @@ class EvalConfig:
     max_batches: int | None = None  # per task; None: every held-out frame
     within_task_evals: int = 0  # extra evaluations of the current task during its training (LIBERO FWT)
     evaluate_unseen: bool = True  # also evaluate tasks not trained yet (forward transfer)
-    env: str | None = None
-    episodes: int = 10
+    env: str | None = None  # sim: metaworld | libero; None: from task_sequence.suite
+    episodes: int = 10  # sim: episodes per task and evaluation
     max_episode_steps: int = 200
+    seed: int = 1_000_000  # sim: episode k is reset with seed + k (disjoint from the demonstrations')
+    num_workers: int = 2  # sim: environment processes (0: in this process)
+    timeout_s: float | None = 1800.0  # sim: wall-clock bound of one evaluation; unfinished episodes fail
+    videos: int = 0  # sim: episodes per task saved as video (run dir and W&B)
 
 
 @dataclass

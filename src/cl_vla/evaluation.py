@@ -1,4 +1,7 @@
-"""Held-out evaluation of every task: one row of R after each task.
+"""Evaluation of every task: one row of R after each task.
+
+``eval=sim`` scores tasks by closed-loop success in a simulator (:func:`make_sim_evaluator`, see
+:mod:`cl_vla.envs.rollout`); the held-out loss below is then kept as a second matrix.
 
 The score of task j is the policy's own training loss (for tiny_vla and ACT: L1 on the normalized
 action chunk) averaged over every held-out frame of task j; lower is better. It runs with the
@@ -49,3 +52,73 @@ def evaluate_heldout(
         sums = sums.cpu()
     module.policy.train(was_training)
     return [float(s / c) if c > 0 else float("nan") for s, c in sums.tolist()]
+
+
+# ------------------------------------------------------------------------------------ closed loop
+
+
+def sim_env_name(eval_cfg, suite: str | None) -> str:
+    """The simulator ``eval=sim`` uses: ``eval.env``, else the one the sequence's suite names."""
+    from cl_vla.errors import ConfigError, one_of
+
+    env = eval_cfg.env or (
+        "metaworld" if suite == "metaworld" else "libero" if (suite or "").startswith("libero") else None
+    )
+    if env not in ("metaworld", "libero"):
+        raise ConfigError(
+            f"eval=sim needs a simulator: eval.env={eval_cfg.env!r} and task_sequence.suite={suite!r} "
+            f"name none; set eval.env to {one_of(['metaworld', 'libero'])}."
+        )
+    return env
+
+
+def check_sim_config(cfg) -> None:
+    """Early checks of ``eval=sim`` (before recording or training): settings, simulator, task names."""
+    from cl_vla.envs.rollout import check_sim_settings
+
+    check_sim_settings(cfg.eval)
+    env = sim_env_name(cfg.eval, cfg.task_sequence.suite)
+    if env == "metaworld":
+        from cl_vla.envs.metaworld import check_task_names
+        from cl_vla.errors import ConfigError
+
+        if not cfg.task_sequence.env_tasks:
+            raise ConfigError(
+                "eval=sim in Meta-World needs task_sequence.env_tasks (the Meta-World task of each "
+                f"instruction), but sequence {cfg.task_sequence.name!r} has none."
+            )
+        check_task_names(list(cfg.task_sequence.env_tasks))
+    else:
+        from cl_vla.envs.libero_eval import check_libero_available
+
+        check_libero_available(cfg.task_sequence.suite)
+
+
+def make_sim_evaluator(cfg, data, policy_cfg, run_dir=None, wandb_run=None):
+    """The closed-loop evaluator of ``eval=sim``: ``evaluate(module, tasks, label) -> success rates``."""
+    seq = data.sequence
+    if sim_env_name(cfg.eval, seq.suite) == "libero":
+        from cl_vla.envs.libero_eval import LiberoEvaluator
+
+        return LiberoEvaluator(
+            seq.suite,
+            seq.env_tasks,
+            data.num_tasks,
+            policy_cfg,
+            cfg.eval,
+            run_dir=run_dir,
+            wandb_run=wandb_run,
+        )
+    from cl_vla.envs.metaworld_record import read_settings
+    from cl_vla.envs.rollout import MetaworldEvaluator
+
+    settings = read_settings(cfg.data.root) if cfg.data.root else None
+    return MetaworldEvaluator(
+        seq.env_tasks or (),
+        data.task_names,
+        policy_cfg,
+        cfg.eval,
+        demo_seeds=(settings or {}).get("seeds_tried"),
+        run_dir=run_dir,
+        wandb_run=wandb_run,
+    )

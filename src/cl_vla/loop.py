@@ -152,6 +152,7 @@ class ContinualRun:
     def _save_extra(self, ckpt: dict) -> None:
         ckpt["cl_vla"] = {
             "state": json.dumps(self.state.to_json()),
+            "second": json.dumps(self.second),
             "algorithm": self.algorithm.state_dict(),
             "normalization": flatten_stats(self.stats or {}),
             "rng": rng_state(),
@@ -159,6 +160,8 @@ class ContinualRun:
 
     def _load_extra(self, ckpt: dict) -> None:
         extra = ckpt["cl_vla"]
+        if "second" in extra:
+            self.second = json.loads(extra["second"])
         self.algorithm.load_state_dict(extra["algorithm"])
         self._use_stats(
             {k: {s: v for s, v in d.items()} for k, d in unflatten_stats(extra["normalization"]).items()}
@@ -185,7 +188,29 @@ class ContinualRun:
         if k > 0 and step in {round(self.S * (i + 1) / (k + 1)) for i in range(k)}:
             self.state.within_task[task].append(self._evaluate([task])[0])
 
+    # eval=sim: R holds closed-loop success; the held-out loss stays as a second matrix, `second`.
+    second: dict[str, Any] | None = None
+    sim: Any = None
+
     def _evaluate(self, tasks: list[int]) -> list[float]:
+        if self.cfg.eval.type == "sim":
+            if self.sim is None:
+                from cl_vla.evaluation import make_sim_evaluator
+                from cl_vla.run_logging import wandb_run
+
+                self.sim = make_sim_evaluator(
+                    self.cfg, self.data, self.policy_cfg, self.run_dir, lambda: wandb_run(self.loggers)
+                )
+            st = self.state
+            label = (
+                "baseline"
+                if self.trainer.global_step == 0
+                else f"task{st.task:02d}_step{st.step_in_task:05d}"
+            )
+            return self.sim.evaluate(self.module, tasks, label=label)
+        return self._heldout(tasks)
+
+    def _heldout(self, tasks: list[int]) -> list[float]:
         return evaluate_heldout(
             self.module, self.dm, tasks, max_batches=self.cfg.eval.max_batches, seed=int(self.cfg.seed)
         )
@@ -229,6 +254,8 @@ def run_continual(
         run._stats_for_task(0)
         (run.run_dir / "config.resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         st.baseline = run._evaluate(list(range(T)))  # the untrained policy: FWT's reference b_j
+        if cfg.eval.type == "sim":
+            run.second = {"R": [[None] * T for _ in range(T)], "baseline": run._heldout(list(range(T)))}
     ckpt_path = run.resume_ckpt
     for t in range(st.task, T):
         start = st.step_in_task if t == st.task else 0
@@ -252,6 +279,16 @@ def run_continual(
         row = run._evaluate(tasks)
         st.eval_seconds[t] += time.perf_counter() - tic
         st.R[t] = [row[tasks.index(j)] if j in tasks else None for j in range(T)]
+        if run.second is not None:
+            loss = run._heldout(tasks)
+            run.second["R"][t] = [loss[tasks.index(j)] if j in tasks else None for j in range(T)]
+            log_row(
+                run.loggers,
+                t,
+                [np.nan if v is None else v for v in run.second["R"][t]],
+                run.trainer.global_step,
+                prefix="eval_heldout",
+            )
         st.within_task[t].append(st.R[t][t])
         st.task, st.step_in_task = t + 1, 0
         log_row(run.loggers, t, [np.nan if v is None else v for v in st.R[t]], run.trainer.global_step)
@@ -305,16 +342,33 @@ def _finish(run: ContinualRun, console: Console) -> float | None:
     st = run.state
     R = st.matrix()
     within = [w for w in st.within_task] if any(len(w) > 1 for w in st.within_task) else None
-    metrics = compute_metrics(R, higher_is_better=False, baseline=st.baseline, within_task=within)
+    sim = run.cfg.eval.type == "sim"  # R: success rate (higher is better); else held-out loss (lower)
+    name, label = ("success_rate", "success rate") if sim else ("heldout_action_loss", "held-out action loss")
+    metrics = compute_metrics(R, higher_is_better=sim, baseline=st.baseline, within_task=within)
+    second: dict[str, Any] = {}
+    if run.second is not None:
+        loss = np.array([[np.nan if v is None else v for v in row] for row in run.second["R"]], dtype=float)
+        second = {
+            "heldout_action_loss": {
+                "matrix": loss,
+                "baseline": run.second["baseline"],
+                "higher_is_better": False,
+                "metrics": compute_metrics(loss, higher_is_better=False, baseline=run.second["baseline"]),
+            }
+        }
+    if run.sim is not None:
+        second["sim"] = run.sim.stats.to_json()
+        run.sim.close()
     if run.trainer.is_global_zero:
         write_results(
             run.run_dir,
             R,
             st.task_names,
             metrics=metrics,
-            higher_is_better=False,
-            metric_name="heldout_action_loss",
+            higher_is_better=sim,
+            metric_name=name,
             extra={
+                **second,
                 "algorithm": run.cfg.algorithm.get("name"),
                 "model": run.cfg.model.type,
                 "seed": int(run.cfg.seed),
@@ -326,11 +380,11 @@ def _finish(run: ContinualRun, console: Console) -> float | None:
                 "algorithm_state_bytes": _state_bytes(run.algorithm),
             },
         )
-        print_summary(
-            console, R, st.task_names, metrics, higher_is_better=False, metric_name="held-out action loss"
-        )
-        fig = heatmap_figure(R, st.task_names, higher_is_better=False, metric_name="held-out action loss")
+        print_summary(console, R, st.task_names, metrics, higher_is_better=sim, metric_name=label)
+        fig = heatmap_figure(R, st.task_names, higher_is_better=sim, metric_name=label)
         log_final(run.loggers, R, st.task_names, metrics, fig)
+        if "heldout_action_loss" in second:
+            _report_second(run, console, second["heldout_action_loss"])
         import matplotlib.pyplot as plt
 
         plt.close(fig)
@@ -342,6 +396,33 @@ def _finish(run: ContinualRun, console: Console) -> float | None:
         wandb.finish()
     acc = metrics.get("acc")
     return float(acc) if acc is not None else None
+
+
+def _report_second(run: ContinualRun, console: Console, second: dict[str, Any]) -> None:
+    """eval=sim: the held-out loss matrix, printed after the success matrix and logged to W&B."""
+    from cl_vla.reporting import format_matrix_table
+    from cl_vla.run_logging import wandb_run
+
+    loss, names = second["matrix"], run.state.task_names
+    console.print(
+        format_matrix_table(
+            loss, names, second["metrics"], higher_is_better=False, metric_name="held-out action loss"
+        )
+    )
+    wb = wandb_run(run.loggers)
+    if wb is not None:
+        import wandb
+
+        cols = ["after_task", *[f"{j}: {n[:40]}" for j, n in enumerate(names)]]
+        rows = [[i, *[None if not np.isfinite(v) else float(v) for v in loss[i]]] for i in range(len(loss))]
+        wb.log({"cl/heldout_R_matrix": wandb.Table(columns=cols, data=rows)})
+        for k, v in second["metrics"].items():
+            if isinstance(v, int | float):
+                wb.summary[f"cl/heldout/{k}"] = v
+        stats = run.sim.stats.to_json() if run.sim is not None else {}
+        for k in ("env_steps", "seconds", "env_steps_per_s"):
+            if stats.get(k) is not None:
+                wb.summary[f"sim/{k}"] = stats[k]
 
 
 def _state_bytes(algorithm: CLAlgorithm) -> int:

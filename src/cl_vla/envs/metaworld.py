@@ -1,0 +1,514 @@
+"""Meta-World tasks as lerobot sees them, rendered fast enough for a CPU.
+
+Task names, language descriptions and scripted experts come from lerobot's
+``lerobot/envs/metaworld_config.json`` (read directly, so a simulation worker does not import lerobot's
+policy stack). Environments are built as lerobot's ``MetaworldEnv`` builds them (``MT1(task, seed=42)``,
+its first train task, then seeded object randomization, so ``reset(seed)`` decides the scene; the
+``corner2`` camera moved and its image flipped like lerobot's), and observations use lerobot's keys:
+``pixels`` (one image per camera), ``agent_pos`` (hand xyz + gripper opening, 4-d) and
+``environment_state`` (Meta-World's full 39-d observation, with the goal), which
+``lerobot.envs.utils.preprocess_observation`` maps to ``observation.images.<camera>``,
+``observation.state`` and ``observation.environment_state``.
+
+Rendering is the cost that matters on a CPU: one ``mujoco.Renderer`` per task is shared by all of that
+task's environments in a process, at the dataset's small resolution, without shadows, reflections or
+multisampling (about 8 ms a frame with llvmpipe, against 110-170 ms for the default settings).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import importlib.util
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cl_vla.errors import CLVLAError, ConfigError, one_of
+
+CAMERAS = ("topview", "corner", "corner2", "corner3", "behindGripper", "gripperPOV")
+STATE_DIM = 4  # lerobot's agent_pos: hand xyz + gripper opening
+ENV_STATE_DIM = 39  # Meta-World's observation: hand, gripper, two objects, previous frame, goal
+ACTION_DIM = 4
+MAX_PATH_LENGTH = 500  # Meta-World refuses to step an episode past this
+MT1_SEED = 42  # lerobot's MetaworldEnv builds every task from MT1(task, seed=42)
+
+
+class RenderingError(CLVLAError):
+    """MuJoCo cannot render offscreen on this machine."""
+
+
+def rendering_help(cause: BaseException | str) -> str:
+    """One sentence: why rendering failed and which packages / ``MUJOCO_GL`` value fix it."""
+    backend = os.environ.get("MUJOCO_GL") or "unset"
+    why = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+    return (
+        f"Meta-World cannot render offscreen (MUJOCO_GL={backend}: {why[:160].rstrip('.')}); install "
+        "libegl1 and libgl1-mesa-dri and set MUJOCO_GL=egl, or install libosmesa6 and set MUJOCO_GL=osmesa."
+    )
+
+
+# ------------------------------------------------------------------------------------------ task list
+
+
+@cache
+def _lerobot_config() -> dict[str, Any]:
+    spec = importlib.util.find_spec("lerobot")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(
+            "Meta-World needs lerobot[metaworld]; install it with pip install 'lerobot[metaworld]'."
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / "envs" / "metaworld_config.json"
+    return json.loads(path.read_text())
+
+
+def task_names() -> list[str]:
+    """The 50 Meta-World v3 task names lerobot knows, e.g. ``reach-v3``."""
+    return sorted(_lerobot_config()["TASK_DESCRIPTIONS"])
+
+
+def task_description(task: str) -> str:
+    return _lerobot_config()["TASK_DESCRIPTIONS"][task]
+
+
+def check_task_names(names: Sequence[str], where: str = "task_sequence.env_tasks") -> list[str]:
+    """Strip lerobot's ``metaworld-`` prefix and reject unknown names, suggesting the closest ones."""
+    known = task_names()
+    out = []
+    for name in names:
+        clean = str(name).removeprefix("metaworld-")
+        if clean not in known:
+            close = difflib.get_close_matches(clean, known, n=3, cutoff=0.5)
+            hint = (
+                f"did you mean {one_of(close)}?"
+                if close
+                else f"choose one of the {len(known)} tasks, e.g. 'reach-v3'."
+            )
+            raise ConfigError(f"{where} names an unknown Meta-World task {name!r}; {hint}")
+        out.append(clean)
+    return out
+
+
+def make_expert(task: str) -> Any:
+    """The scripted expert lerobot pairs with ``task`` (a ``metaworld.policies`` class instance)."""
+    import metaworld.policies as policies
+
+    return getattr(policies, _lerobot_config()["TASK_POLICY_MAPPING"][task])()
+
+
+# ---------------------------------------------------------------------------------------- observation
+
+
+@dataclass(frozen=True)
+class ObservationSpec:
+    """What an environment renders and returns: cameras at one resolution, with or without env state."""
+
+    cameras: tuple[str, ...] = ("corner2",)
+    height: int = 64
+    width: int = 64
+    environment_state: bool = True
+
+    def __post_init__(self) -> None:
+        for cam in self.cameras:
+            if cam not in CAMERAS:
+                raise ConfigError(f"Meta-World camera {cam!r} is unknown; choose from {one_of(CAMERAS)}.")
+        if len(set(self.cameras)) != len(self.cameras):
+            raise ConfigError(f"Meta-World cameras {list(self.cameras)} repeat a camera; list each once.")
+        if not (8 <= self.height <= 480 and 8 <= self.width <= 480):
+            raise ConfigError(
+                f"Meta-World image size {self.height}x{self.width} is not allowed; height and width must be "
+                "in [8, 480]."
+            )
+
+    def features(self, use_videos: bool = False) -> dict[str, dict]:
+        """LeRobot dataset features of this observation, plus Meta-World's 4-d action."""
+        img = {
+            "dtype": "video" if use_videos else "image",
+            "shape": (self.height, self.width, 3),
+            "names": ["height", "width", "channels"],
+        }
+        feats: dict[str, dict] = {f"observation.images.{cam}": dict(img) for cam in self.cameras}
+        feats["observation.state"] = {
+            "dtype": "float32",
+            "shape": (STATE_DIM,),
+            "names": ["hand_x", "hand_y", "hand_z", "gripper"],
+        }
+        if self.environment_state:
+            feats["observation.environment_state"] = {
+                "dtype": "float32",
+                "shape": (ENV_STATE_DIM,),
+                "names": [f"mw_obs_{i}" for i in range(ENV_STATE_DIM)],
+            }
+        feats["action"] = {"dtype": "float32", "shape": (ACTION_DIM,), "names": ["dx", "dy", "dz", "grip"]}
+        return feats
+
+
+def spec_from_policy_features(
+    input_features: dict[str, Any], action_shape: Sequence[int] | None
+) -> ObservationSpec:
+    """The observation a policy with ``input_features`` needs, or one sentence on why Meta-World lacks it.
+
+    ``input_features`` maps keys to lerobot ``PolicyFeature`` (images channel-first). ``observation.image``
+    is lerobot's single-camera key and means ``corner2``.
+    """
+    cams, sizes, env_state = [], set(), False
+    for key, ft in input_features.items():
+        shape = tuple(ft.shape)
+        if key == "observation.image" or key.startswith("observation.images."):
+            cam = "corner2" if key == "observation.image" else key.removeprefix("observation.images.")
+            if cam not in CAMERAS or len(shape) != 3 or shape[0] != 3:
+                raise ConfigError(
+                    f"The policy expects input {key!r} of shape {shape}, which Meta-World cannot provide; "
+                    "its images are 'observation.images.<camera>' (3 channels) with camera in "
+                    f"{one_of(CAMERAS)}."
+                )
+            cams.append(cam)
+            sizes.add(shape[1:])
+        elif key == "observation.state":
+            if shape != (STATE_DIM,):
+                raise ConfigError(
+                    f"The policy expects 'observation.state' of shape {shape}, but Meta-World's is "
+                    f"({STATE_DIM},) (hand xyz + gripper); train on Meta-World data (data=metaworld) to "
+                    "evaluate there."
+                )
+        elif key == "observation.environment_state":
+            if shape != (ENV_STATE_DIM,):
+                raise ConfigError(
+                    f"The policy expects 'observation.environment_state' of shape {shape}, but Meta-World's "
+                    f"is ({ENV_STATE_DIM},); train on Meta-World data (data=metaworld) to evaluate there."
+                )
+            env_state = True
+        else:
+            raise ConfigError(
+                f"The policy expects input {key!r}, which Meta-World does not provide; it provides "
+                "'observation.images.<camera>', 'observation.state' and 'observation.environment_state'."
+            )
+    if action_shape is not None and tuple(action_shape) != (ACTION_DIM,):
+        raise ConfigError(
+            f"The policy outputs actions of shape {tuple(action_shape)}, but Meta-World takes "
+            f"({ACTION_DIM},); train on Meta-World data (data=metaworld) to evaluate there."
+        )
+    if len(sizes) > 1:
+        raise ConfigError(
+            f"The policy's cameras have different sizes {sorted(sizes)}; Meta-World renders one size."
+        )
+    h, w = sizes.pop() if sizes else (64, 64)
+    return ObservationSpec(cameras=tuple(cams), height=int(h), width=int(w), environment_state=env_state)
+
+
+# ---------------------------------------------------------------------------------------- environment
+
+
+class _TaskRenderer:
+    """One offscreen renderer for every environment of one task in this process (same model, same assets)."""
+
+    def __init__(self, model: Any, spec: ObservationSpec) -> None:
+        import mujoco
+
+        try:
+            model.vis.quality.offsamples = 0  # multisampling: ~2.5x the cost for little at 64 px
+            self.renderer = mujoco.Renderer(model, spec.height, spec.width)
+        except Exception as e:  # EGL/OSMesa/GLFW report failures in many shapes
+            raise RenderingError(rendering_help(e)) from e
+        self.flags = (mujoco.mjtRndFlag.mjRND_SHADOW, mujoco.mjtRndFlag.mjRND_REFLECTION)
+        self.spec = spec
+
+    def render(self, data: Any) -> dict[str, np.ndarray]:
+        out = {}
+        for cam in self.spec.cameras:
+            self.renderer.update_scene(data, camera=cam)
+            for flag in self.flags:
+                self.renderer.scene.flags[flag] = 0
+            img = self.renderer.render()
+            # lerobot's MetaworldEnv flips corner2 images on both axes; do the same so data match its env.
+            out[cam] = np.ascontiguousarray(img[::-1, ::-1]) if cam == "corner2" else img.copy()
+        return out
+
+    def close(self) -> None:
+        self.renderer.close()
+
+
+class MetaworldTaskEnv:
+    """One Meta-World task with seeded resets and lerobot-format observations.
+
+    ``reset(seed)`` places the objects from ``seed`` exactly as lerobot's ``MetaworldEnv.reset(seed)``;
+    ``step(action)`` returns ``(obs, success)``. ``raw_obs`` is Meta-World's own observation (what the
+    scripted expert reads).
+    """
+
+    def __init__(self, task: str, spec: ObservationSpec, renderer: _TaskRenderer | None = None) -> None:
+        self.task, self.spec = task, spec
+        mt1 = _mt1(task)
+        env = mt1.train_classes[task]()
+        env.set_task(mt1.train_tasks[0])
+        env.model.cam_pos[CAMERAS.index("corner2")] = [0.75, 0.075, 0.7]  # as lerobot's MetaworldEnv
+        env.reset()
+        env._freeze_rand_vec = False
+        env.seeded_rand_vec = True
+        self.env = env
+        self.renderer = renderer or _TaskRenderer(env.model, spec)
+        self.raw_obs: np.ndarray | None = None
+
+    def _obs(self, raw: np.ndarray) -> dict[str, Any]:
+        obs: dict[str, Any] = {
+            "pixels": self.renderer.render(self.env.data),
+            "agent_pos": raw[:STATE_DIM].astype(np.float32),
+        }
+        if self.spec.environment_state:
+            obs["environment_state"] = raw.astype(np.float32)
+        return obs
+
+    def reset(self, seed: int) -> dict[str, Any]:
+        self.env.seed(int(seed))
+        raw, _ = self.env.reset(seed=int(seed))
+        self.raw_obs = raw
+        return self._obs(raw)
+
+    def step(self, action: np.ndarray) -> tuple[dict[str, Any], bool]:
+        action = np.clip(np.asarray(action, dtype=np.float32).reshape(ACTION_DIM), -1.0, 1.0)
+        raw, _reward, _done, _trunc, info = self.env.step(action)
+        self.raw_obs = raw
+        return self._obs(raw), bool(info.get("success", 0))
+
+    def close(self) -> None:
+        self.env.close()
+
+
+@cache
+def _mt1(task: str) -> Any:
+    import metaworld
+
+    return metaworld.MT1(task, seed=MT1_SEED)
+
+
+class EnvCache:
+    """The environments and renderers of one process, kept across episodes and evaluations."""
+
+    def __init__(self, spec: ObservationSpec) -> None:
+        self.spec = spec
+        self.envs: dict[str, list[MetaworldTaskEnv]] = {}
+        self.renderers: dict[str, _TaskRenderer] = {}
+
+    def get(self, task: str, n: int) -> list[MetaworldTaskEnv]:
+        envs = self.envs.setdefault(task, [])
+        while len(envs) < n:
+            env = MetaworldTaskEnv(task, self.spec, self.renderers.get(task))
+            self.renderers.setdefault(task, env.renderer)
+            envs.append(env)
+        return envs[:n]
+
+    def close(self) -> None:
+        # Renderers first and explicitly: freeing GL contexts at interpreter exit prints EGL errors.
+        for r in self.renderers.values():
+            r.close()
+        for envs in self.envs.values():
+            for env in envs:
+                env.close()
+        self.envs.clear()
+        self.renderers.clear()
+
+
+def default_mujoco_gl() -> None:
+    """Headless machines: pick EGL unless the user chose a backend (GLFW needs a display)."""
+    if not os.environ.get("MUJOCO_GL") and not os.environ.get("DISPLAY"):
+        os.environ["MUJOCO_GL"] = "egl"
+
+
+# -------------------------------------------------------------------------------------------- workers
+
+
+class _Handler:
+    """What a simulation worker process does; also usable in-process (``num_workers=0``)."""
+
+    def __init__(self, spec: ObservationSpec) -> None:
+        try:
+            import mujoco  # noqa: F401  (picks its GL backend from MUJOCO_GL at import)
+        except Exception as e:
+            raise RenderingError(rendering_help(e)) from e
+        self.cache = EnvCache(spec)
+        self.active: list[MetaworldTaskEnv] = []
+        self.last: list[dict[str, Any]] = []
+
+    def record(self, job: tuple[int, str, int, int, float]) -> tuple[int, int, dict[str, np.ndarray] | None]:
+        """One scripted-expert episode: ``(job id, seed, frames)``, frames ``None`` when it failed."""
+        job_id, task, seed, max_steps, noise = job
+        env = self.cache.get(task, 1)[0]
+        expert = make_expert(task)
+        rng = np.random.default_rng([seed, 7919])
+        obs = env.reset(seed)
+        frames: dict[str, list[np.ndarray]] = {}
+        for _ in range(max_steps):
+            action = np.clip(np.asarray(expert.get_action(env.raw_obs), dtype=np.float32), -1.0, 1.0)
+            for key, value in _flat(obs).items():
+                frames.setdefault(key, []).append(value)
+            frames.setdefault("action", []).append(action)
+            executed = action
+            if noise > 0:
+                executed = np.clip(action + rng.normal(0.0, noise, size=action.shape), -1.0, 1.0)
+            obs, success = env.step(executed)
+            if success:
+                return job_id, seed, {k: np.stack(v) for k, v in frames.items()}
+        return job_id, seed, None
+
+    def reset(self, task: str, seeds: Sequence[int]) -> dict[str, Any]:
+        """Reset ``len(seeds)`` environments of ``task``; returns their batched observations."""
+        self.active = self.cache.get(task, len(seeds))
+        self.last = [env.reset(seed) for env, seed in zip(self.active, seeds, strict=True)]
+        return _stack(self.last)
+
+    def step(self, actions: np.ndarray, running: np.ndarray) -> tuple[dict[str, Any], np.ndarray]:
+        """Step the running environments; returns batched observations and per-env success flags."""
+        success = np.zeros(len(self.active), dtype=bool)
+        for i, env in enumerate(self.active):
+            if running[i]:
+                self.last[i], success[i] = env.step(actions[i])
+        return _stack(self.last), success
+
+    def close(self) -> None:
+        self.cache.close()
+
+
+def _flat(obs: dict[str, Any]) -> dict[str, np.ndarray]:
+    """lerobot's observation keys -> the dataset's feature keys."""
+    out = {f"observation.images.{cam}": img for cam, img in obs["pixels"].items()}
+    out["observation.state"] = obs["agent_pos"]
+    if "environment_state" in obs:
+        out["observation.environment_state"] = obs["environment_state"]
+    return out
+
+
+def _stack(obs: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "pixels": {cam: np.stack([o["pixels"][cam] for o in obs]) for cam in obs[0]["pixels"]}
+    }
+    for key in ("agent_pos", "environment_state"):
+        if key in obs[0]:
+            out[key] = np.stack([o[key] for o in obs])
+    return out
+
+
+def _worker_main(conn: Any, spec: ObservationSpec) -> None:
+    import warnings
+
+    warnings.filterwarnings("ignore")  # metaworld's experts and gymnasium warn on import and reset
+    handler = None
+    try:
+        while True:
+            try:
+                method, args = conn.recv()
+            except (EOFError, KeyboardInterrupt):
+                break
+            if method == "close":
+                break
+            try:
+                handler = handler or _Handler(spec)
+                conn.send(("ok", getattr(handler, method)(*args)))
+            except CLVLAError as e:
+                conn.send(("error", e))
+            except Exception as e:
+                conn.send(("error", f"{type(e).__name__}: {e}".splitlines()[0]))
+    finally:
+        if handler is not None:
+            handler.close()  # GL contexts before interpreter exit, or EGL complains on stderr
+
+
+class SimWorkers:
+    """``num_workers`` spawned processes (0: this process), each holding its own environments.
+
+    ``submit(i, method, *args)`` sends a call to worker ``i``; ``result(i)`` waits for it. Spawned (not
+    forked): no GL context, torch thread pool or logging lock of this process leaks into a worker.
+    """
+
+    def __init__(self, spec: ObservationSpec, num_workers: int, timeout_s: float = 300.0) -> None:
+        self.spec, self.timeout_s = spec, timeout_s
+        self._local: _Handler | None = None
+        self._pending: list[Any] = []
+        self._conns: list[Any] = []
+        self._procs: list[Any] = []
+        if num_workers <= 0:
+            self._local = _Handler(spec)
+            self._pending = [None]
+            return
+        import multiprocessing as mp
+
+        default_mujoco_gl()
+        ctx = mp.get_context("spawn")
+        for _ in range(num_workers):
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_worker_main, args=(child, spec), daemon=True)
+            proc.start()
+            child.close()
+            self._conns.append(parent)
+            self._procs.append(proc)
+        self._pending = [None] * num_workers
+
+    @property
+    def size(self) -> int:
+        return len(self._pending)
+
+    def submit(self, i: int, method: str, *args: Any) -> None:
+        if self._local is not None:
+            try:
+                self._pending[i] = ("ok", getattr(self._local, method)(*args))
+            except CLVLAError as e:
+                self._pending[i] = ("error", e)
+            return
+        self._conns[i].send((method, args))
+        self._pending[i] = "sent"
+
+    def result(self, i: int) -> Any:
+        if self._local is None:
+            conn = self._conns[i]
+            if not conn.poll(self.timeout_s):
+                raise RuntimeError(f"A Meta-World worker gave no answer within {self.timeout_s:.0f} s.")
+            try:
+                self._pending[i] = conn.recv()
+            except EOFError as e:
+                code = self._procs[i].exitcode
+                raise RuntimeError(f"A Meta-World worker process died (exit code {code}).") from e
+        status, value = self._pending[i]
+        self._pending[i] = None
+        if status == "error":
+            if isinstance(value, BaseException):
+                raise value
+            raise RuntimeError(f"A Meta-World worker failed: {value}")
+        return value
+
+    def ready(self, timeout: float | None = None) -> list[int]:
+        """Workers with an answer waiting (all pending ones in-process)."""
+        if self._local is not None:
+            return [0] if self._pending[0] is not None else []
+        from multiprocessing.connection import wait
+
+        waiting = [c for c, p in zip(self._conns, self._pending, strict=True) if p == "sent"]
+        done = wait(waiting, timeout if timeout is not None else self.timeout_s)
+        return [self._conns.index(c) for c in done]
+
+    def close(self) -> None:
+        if self._local is not None:
+            self._local.close()
+            self._local = None
+            return
+        for conn in self._conns:
+            with contextlib.suppress(BrokenPipeError, OSError):
+                conn.send(("close", ()))
+        for proc in self._procs:
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.terminate()
+                proc.join(timeout=5)
+        for conn in self._conns:
+            conn.close()
+        self._conns, self._procs = [], []
+
+    def __enter__(self) -> SimWorkers:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

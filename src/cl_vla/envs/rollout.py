@@ -1,0 +1,250 @@
+"""Closed-loop evaluation in Meta-World: the success rate of every task, one row of R.
+
+For each evaluated task, ``eval.episodes`` episodes run at once in vectorized environments spread over
+``eval.num_workers`` processes (they step and render; this process batches the policy over all of
+them). Episode k of every evaluation is reset with seed ``eval.seed + k``: every row of R sees the same
+scenes, none of them a demonstration's (the recording's seeds are checked). An episode succeeds when
+Meta-World reports success within ``eval.max_episode_steps`` steps; an evaluation that runs past
+``eval.timeout_s`` counts its unfinished episodes as failures and says so. Actions come from the
+policy's own ``select_action`` (action chunking and all), between the run's pre/post-processors (the
+normalization statistics in use), inside the algorithm's ``eval_context`` for the task.
+
+Optional videos (``eval.videos`` episodes per task) go to ``<run dir>/videos/`` and to W&B.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cl_vla.envs.metaworld import (
+    MAX_PATH_LENGTH,
+    ObservationSpec,
+    SimWorkers,
+    check_task_names,
+    spec_from_policy_features,
+)
+from cl_vla.errors import ConfigError
+
+log = logging.getLogger("cl_vla")
+
+
+def check_sim_settings(eval_cfg: Any) -> None:
+    """Range checks of the ``eval`` group for ``eval=sim``; one sentence each."""
+    if int(eval_cfg.episodes) < 1:
+        raise ConfigError(f"eval.episodes={eval_cfg.episodes} is not allowed; it must be at least 1.")
+    if not 1 <= int(eval_cfg.max_episode_steps) <= MAX_PATH_LENGTH:
+        raise ConfigError(
+            f"eval.max_episode_steps={eval_cfg.max_episode_steps} is not allowed; Meta-World "
+            f"episodes take 1 to {MAX_PATH_LENGTH} steps."
+        )
+    if int(eval_cfg.videos) < 0 or int(eval_cfg.num_workers) < 0:
+        raise ConfigError("eval.videos and eval.num_workers must not be negative.")
+
+
+@dataclass
+class RolloutStats:
+    """Totals over every evaluation of a run (for the run's figures)."""
+
+    env_steps: int = 0
+    episodes: int = 0
+    seconds: float = 0.0
+    timeouts: int = 0
+    per_eval: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "env_steps": self.env_steps,
+            "episodes": self.episodes,
+            "seconds": round(self.seconds, 2),
+            "env_steps_per_s": round(self.env_steps / self.seconds, 1) if self.seconds else None,
+            "timeouts": self.timeouts,
+            "per_eval": self.per_eval,
+        }
+
+
+class MetaworldEvaluator:
+    """Success rates of a policy on the Meta-World tasks of a sequence; keeps its workers between calls."""
+
+    def __init__(
+        self,
+        env_tasks: Sequence[str],
+        instructions: Sequence[str],
+        policy_cfg: Any,
+        eval_cfg: Any,
+        *,
+        demo_seeds: dict[str, list[int]] | None = None,
+        run_dir: str | Path | None = None,
+        wandb_run: Callable[[], Any] | None = None,
+    ) -> None:
+        check_sim_settings(eval_cfg)
+        self.env_tasks = check_task_names(env_tasks)
+        self.instructions = [str(i) for i in instructions]
+        action = (policy_cfg.output_features or {}).get("action")
+        self.spec: ObservationSpec = spec_from_policy_features(
+            dict(policy_cfg.input_features or {}), action.shape if action is not None else None
+        )
+        self.single_image_key = "observation.image" in (policy_cfg.input_features or {})
+        self.episodes = int(eval_cfg.episodes)
+        self.max_steps = int(eval_cfg.max_episode_steps)
+        self.seeds = [int(eval_cfg.seed) + k for k in range(self.episodes)]
+        self.timeout_s = float(eval_cfg.timeout_s) if eval_cfg.timeout_s else None
+        self.videos = int(eval_cfg.videos)
+        self.num_workers = min(int(eval_cfg.num_workers), self.episodes)
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.wandb_run = wandb_run
+        self.stats = RolloutStats()
+        self._check_disjoint(demo_seeds or {})
+        self._workers: SimWorkers | None = None
+
+    def _check_disjoint(self, demo_seeds: dict[str, list[int]]) -> None:
+        for task in self.env_tasks:
+            used = set(demo_seeds.get(task, ()))
+            clash = sorted(used.intersection(self.seeds))
+            if clash:
+                raise ConfigError(
+                    f"eval.seed={self.seeds[0]} makes evaluation episodes reuse demonstration seeds of "
+                    f"{task!r} (e.g. {clash[0]}); choose eval.seed above {max(used)}."
+                )
+
+    @property
+    def workers(self) -> SimWorkers:
+        if self._workers is None:
+            self._workers = SimWorkers(self.spec, self.num_workers)
+        return self._workers
+
+    def close(self) -> None:
+        if self._workers is not None:
+            self._workers.close()
+            self._workers = None
+
+    # ---------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self, module: Any, tasks: Sequence[int], label: str = "eval") -> list[float]:
+        """Success rate in [0, 1] of every task position in ``tasks``."""
+        policy = module.policy
+        was_training = policy.training
+        policy.eval()
+        tic = time.perf_counter()
+        deadline = tic + self.timeout_s if self.timeout_s else None
+        steps_before = self.stats.env_steps
+        rates = []
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.seeds[0])
+                for task in tasks:
+                    with module.algorithm.eval_context(task, module):
+                        rates.append(self._task(module, task, label, deadline))
+        finally:
+            policy.train(was_training)
+        seconds = time.perf_counter() - tic
+        self.stats.seconds += seconds
+        steps = self.stats.env_steps - steps_before
+        self.stats.episodes += len(tasks) * self.episodes
+        self.stats.per_eval.append(
+            {"label": label, "seconds": round(seconds, 2), "env_steps": steps, "success": rates}
+        )
+        log.info(
+            "%s: %d env steps in %.1f s (%.0f steps/s)", label, steps, seconds, steps / max(seconds, 1e-9)
+        )
+        return rates
+
+    def _task(self, module: Any, task: int, label: str, deadline: float | None) -> float:
+        from lerobot.envs.utils import preprocess_observation
+
+        env_task, instruction = self.env_tasks[task], self.instructions[task]
+        w = self.workers
+        shards = [list(range(i, self.episodes, w.size)) for i in range(w.size)]
+        shards = [s for s in shards if s]
+        for i, idx in enumerate(shards):
+            w.submit(i, "reset", env_task, [self.seeds[k] for k in idx])
+        obs = self._gather([w.result(i) for i in range(len(shards))], shards)
+        module.policy.reset()
+        running = np.ones(self.episodes, dtype=bool)
+        success = np.zeros(self.episodes, dtype=bool)
+        frames: list[list[np.ndarray]] = [[] for _ in range(min(self.videos, self.episodes))]
+        first_cam = self.spec.cameras[0] if self.spec.cameras else None
+        for _step in range(self.max_steps):
+            if first_cam is not None:
+                for k, buf in enumerate(frames):
+                    if running[k]:
+                        buf.append(obs["pixels"][first_cam][k])
+            batch = {k: v.to(module.device) for k, v in preprocess_observation(obs).items()}
+            if self.single_image_key:  # lerobot's one-camera key; its camera is corner2
+                batch["observation.image"] = batch.pop("observation.images.corner2")
+            batch["task"] = [instruction] * self.episodes
+            action = module.policy.select_action(module.preprocessor(batch))
+            if module.postprocessor is not None:
+                action = module.postprocessor(action)
+            action = action.detach().cpu().numpy().astype(np.float32)
+            for i, idx in enumerate(shards):
+                w.submit(i, "step", action[idx], running[idx])
+            self.stats.env_steps += int(running.sum())
+            results = [w.result(i) for i in range(len(shards))]
+            obs = self._gather([r[0] for r in results], shards)
+            for i, idx in enumerate(shards):
+                done = results[i][1] & running[idx]
+                success[idx] |= done
+                running[idx] &= ~done
+            if not running.any():
+                break
+            if deadline is not None and time.perf_counter() > deadline:
+                self.stats.timeouts += int(running.sum())
+                log.warning(
+                    "%s: eval.timeout_s=%.0f reached; %d unfinished episode(s) of %r count as failures.",
+                    label,
+                    self.timeout_s,
+                    int(running.sum()),
+                    env_task,
+                )
+                break
+        if frames:
+            self._save_videos(frames, success, label, task, env_task)
+        return float(success.mean())
+
+    def _gather(self, parts: list[dict[str, Any]], shards: list[list[int]]) -> dict[str, Any]:
+        """Worker shards back into episode order (episode k is at row k)."""
+        order = np.argsort(np.concatenate(shards))
+
+        def cat(arrays: list[np.ndarray]) -> np.ndarray:
+            return np.concatenate(arrays)[order]
+
+        out: dict[str, Any] = {
+            "pixels": {cam: cat([p["pixels"][cam] for p in parts]) for cam in parts[0]["pixels"]}
+        }
+        for key in ("agent_pos", "environment_state"):
+            if key in parts[0]:
+                out[key] = cat([p[key] for p in parts])
+        return out
+
+    def _save_videos(
+        self, frames: list[list[np.ndarray]], success: np.ndarray, label: str, task: int, env_task: str
+    ) -> None:
+        if self.run_dir is None or not any(frames):
+            return
+        from lerobot.utils.io_utils import write_video
+
+        out = self.run_dir / "videos" / label
+        out.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for k, buf in enumerate(frames):
+            if not buf:
+                continue
+            scale = max(1, 256 // buf[0].shape[0])  # small observations: enlarge (nearest) to watch them
+            clip = [np.repeat(np.repeat(f, scale, axis=0), scale, axis=1) for f in buf]
+            path = out / f"task{task:02d}_{env_task}_ep{k}_{'success' if success[k] else 'failure'}.mp4"
+            write_video(path, clip, fps=30)
+            paths.append(path)
+        run = self.wandb_run() if self.wandb_run is not None else None
+        if run is not None and paths:
+            import wandb
+
+            run.log({f"videos/task_{task:02d}": [wandb.Video(str(p), format="mp4") for p in paths]})
