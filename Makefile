@@ -29,8 +29,11 @@ install: $(STAMP) sysdeps  ## create .venv and install cl_vla with its dev tools
 sysdeps:  ## install the system libraries for rendering and video decoding (when root)
 	@scripts/system-deps.sh
 
+# The embedded default: record 3 Meta-World tasks, train tiny_vla with ER, evaluate success in simulation.
+RUN_DEFAULT ?= experiment=metaworld_default
+
 run: install  ## train the embedded default (make run ARGS="algorithm=sequential")
-	$(PY) train.py $(ARGS)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) train.py $(RUN_DEFAULT) $(ARGS)
 
 test: install  ## run the whole test suite offline on CPU
 	$(PY) -m pytest -q $(ARGS)
