@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from omegaconf import DictConfig, OmegaConf
+
 from cl_vla.data.splits import split_episodes
 from cl_vla.data.task_sequences import (
     TaskFilteredDataset,
@@ -31,15 +33,9 @@ def ensure_synthetic(data_cfg: Any, sequence: TaskSequence, *, progress: bool = 
             f"A synthetic dataset is written from instructions, but sequence {sequence.name!r} names "
             "tasks by index; use instruction strings or a real dataset (data.root)."
         )
-    spec = SyntheticSpec(
-        instructions=tuple(instructions),
-        episodes_per_task=int(syn.episodes_per_task),
-        frames_per_episode=int(syn.frames_per_episode),
-        image_size=int(syn.image_size),
-        fps=int(syn.fps),
-        seed=int(syn.seed),
-        use_videos=bool(syn.use_videos),
-    )
+    # The `data.synthetic` schema (cl_vla.config.SyntheticDataConfig) has exactly the spec's settings.
+    settings = OmegaConf.to_container(syn, resolve=True) if isinstance(syn, DictConfig) else dict(syn)
+    spec = SyntheticSpec(instructions=tuple(instructions), **settings)
     write_synthetic_dataset(data_cfg.root, data_cfg.repo_id, spec, progress=progress)
 
 
