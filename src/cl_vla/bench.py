@@ -1,10 +1,14 @@
 """Speed and memory benchmark: ``make bench`` (``python -m cl_vla.bench --steps 100``).
 
 Trains the same tiny_vla on the same synthetic LIBERO-schema data (two 64x64 cameras) through a
-two-task sequence with each algorithm and prints, for the second task (where replay is active):
-training steps/s, the ratio to ``sequential``, the algorithm's extra memory, and for experience
-replay the bytes per stored sample next to the bytes of one decoded sample (what a buffer of frames
-would hold).
+two-task sequence with each algorithm (every ``conf/algorithm`` choice by default) and prints, for the
+second task (where every algorithm is active): steady-state training steps/s, its ratio to
+``sequential``, the algorithm's extra memory (its checkpointed state), and for replay methods the
+bytes per stored sample next to the bytes of one decoded sample (what a buffer of frames would hold).
+
+Steady state: steps are timed between consecutive ``after_backward`` calls (a whole optimizer step,
+the algorithm's gradient edits included), skipping the first ones of the task, so the start-up of a
+``fit`` (dataloader workers, caches) does not decide short runs.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -59,6 +64,30 @@ def sequence_overrides(name: str, tasks: list[str]) -> list[str]:
     ]
 
 
+def _stamp_steps(stamps: list[float]):
+    """An ``algorithm_hook`` that records the time of every ``after_backward`` call."""
+
+    def hook(algorithm) -> None:
+        inner = algorithm.after_backward
+
+        def after_backward(*args, **kwargs):
+            stamps.append(time.perf_counter())
+            return inner(*args, **kwargs)
+
+        algorithm.after_backward = after_backward
+
+    return hook
+
+
+def steady_steps_per_s(stamps: list[float], steps: int) -> float:
+    """Steps/s over the last task's ``steps`` stamps, its first fifth (at most 20) left out."""
+    last = stamps[-steps:]
+    skip = min(20, max(1, steps // 5))
+    if len(last) - skip < 2:
+        raise ValueError(f"--steps must be at least {skip + 2} to time a steady state, got {steps}.")
+    return (len(last) - skip - 1) / (last[-1] - last[skip])
+
+
 def run_one(algo: str, steps: int, batch: int, workers: int, out: Path, extra: list[str]) -> dict:
     from cl_vla.data.task_sequences import get_task_sequence
 
@@ -74,10 +103,11 @@ def run_one(algo: str, steps: int, batch: int, workers: int, out: Path, extra: l
         "trainer.progress_bar=false",
         *extra,
     ]
-    res, algorithm, data = run_in_process(overrides, out / algo)
+    stamps: list[float] = []
+    res, algorithm, data = run_in_process(overrides, out / algo, algorithm_hook=_stamp_steps(stamps))
     stored = len(algorithm) if hasattr(algorithm, "__len__") else 0
     return {
-        "steps_per_s": steps / res["extra"]["train_seconds"][1],
+        "steps_per_s": steady_steps_per_s(stamps, steps),
         "state_bytes": res["extra"]["algorithm_state_bytes"],
         "stored": stored,
         "decoded_bytes": _decoded_bytes(data.train_dataset(0)),
@@ -89,18 +119,32 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=100, help="training steps per task")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--algorithms", default="sequential,er", help="comma-separated conf/algorithm choices")
+    p.add_argument("--algorithms", default="all", help="comma-separated conf/algorithm choices, or 'all'")
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from cl_vla.paths import conf_dir
+
+    known = sorted(q.stem for q in (conf_dir() / "algorithm").glob("*.yaml"))
+    algos = (
+        ["sequential", *(a for a in known if a != "sequential")]
+        if args.algorithms == "all"
+        else args.algorithms.split(",")
+    )
+    unknown = [a for a in algos if a not in known]
+    if unknown:
+        p.error(f"unknown algorithm(s) {', '.join(unknown)}; choose from {', '.join(known)} or 'all'.")
     console = Console()
     rows = {}
     with tempfile.TemporaryDirectory(prefix="cl_vla_bench_") as tmp:
-        for algo in args.algorithms.split(","):
+        for algo in algos:
             console.print(f"[bold]bench[/]: {algo} ({args.steps} steps/task, batch {args.batch})")
             rows[algo] = run_one(algo, args.steps, args.batch, args.workers, Path(tmp), args.overrides)
     base = rows.get("sequential", next(iter(rows.values())))["steps_per_s"]
-    t = Table(title=f"task-2 training speed, tiny_vla, batch {args.batch}, {torch.get_num_threads()} threads")
+    title = (
+        f"task-2 steady-state training speed, tiny_vla, batch {args.batch}, {torch.get_num_threads()} threads"
+    )
+    t = Table(title=title)
     for c in (
         "algorithm",
         "steps/s",
