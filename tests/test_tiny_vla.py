@@ -193,3 +193,30 @@ def test_missing_frozen_text_encoder_path_is_a_clear_error(tmp_path: Path):
         TinyVLAPolicy(make_config(text_encoder=f"frozen:{missing}"))
     with pytest.raises(ValueError, match="text_encoder"):
         make_config(text_encoder="bert")
+
+
+def test_ewc_per_sample_fisher_traces_tiny_vla_with_vmap():
+    """tiny_vla's forward stays traceable by torch.func, so EWC's vectorized Fisher is used on it."""
+    import warnings
+
+    from torch.utils.data import DataLoader
+
+    from cl_vla.algorithms.ewc import EWC
+
+    torch.manual_seed(0)
+    policy = TinyVLAPolicy(make_config(size=16, image_size=16, dropout=0.0))
+    batch = make_batch(6, size=16, tasks=[INSTRUCTION] * 3 + ["open the drawer"] * 3)
+    frames = [{k: v[i] for k, v in batch.items()} for i in range(6)]
+
+    def fisher(vmap_ok: bool) -> dict[str, torch.Tensor]:
+        algo = EWC(fisher_samples=6, fisher_batch_size=3)
+        algo._vmap_ok = vmap_ok
+        return algo.compute_fisher(policy, policy.forward, frames, lambda ds, **kw: DataLoader(ds, **kw))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a fallback to the loop would warn
+        vectorized = fisher(True)
+    looped = fisher(False)
+    assert vectorized.keys() == looped.keys() and len(vectorized) > 5
+    for name in looped:
+        torch.testing.assert_close(vectorized[name], looped[name], rtol=1e-4, atol=1e-9)

@@ -408,6 +408,9 @@ class TinyVLAPolicy(PreTrainedPolicy):
         loss = self.action_loss(
             outputs["action_pred"], batch[ACTION], batch.get(ACTION_IS_PAD_KEY), reduction
         )
+        if torch._C._are_functorch_transforms_active():
+            # Under torch.func (EWC's per-sample Fisher) .item() cannot be traced; nothing logs there.
+            return loss, {}
         mean_loss = loss.mean().item()
         return loss, {"loss": mean_loss, f"{self.config.loss}_loss": mean_loss}
 
