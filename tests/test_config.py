@@ -138,6 +138,7 @@ def test_replay_value_out_of_range_is_one_sentence() -> None:
         ("data.heldout_fraction=1.0", r"data.heldout_fraction=1.0 is not allowed; it must be in \[0, 1\)"),
         ("data.normalization=per_episode", "data.normalization='per_episode' is not allowed"),
         ("eval.type=online", "eval.type='online' is not allowed"),
+        ("data=local", r"data.root is not set; data=local reads a LeRobot dataset from disk"),
     ],
 )
 def test_validate_config_rejects_bad_values(override: str, fragment: str) -> None:

@@ -32,6 +32,11 @@ def validate_config(cfg: DictConfig) -> DictConfig:
     from cl_vla.data.stats import NormalizationChoice
 
     NormalizationChoice.parse(cfg.data.normalization)
+    if cfg.data.root is None and str(cfg.data.repo_id).startswith("local/"):
+        raise ConfigError(
+            "data.root is not set; data=local reads a LeRobot dataset from disk: "
+            "give data.root=<dataset directory> (the one holding meta/info.json)."
+        )
     if cfg.eval.type not in ("heldout", "sim"):
         raise ConfigError(f"eval.type={cfg.eval.type!r} is not allowed; choose {one_of(['heldout', 'sim'])}.")
     if cfg.eval.type == "sim":
