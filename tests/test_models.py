@@ -175,3 +175,11 @@ def test_dataset_without_needed_features(keys: tuple[str, ...], fragment: str) -
     msg = str(info.value)
     assert "'me/odd_dataset'" in msg
     assert "\n" not in msg
+
+
+def test_image_feature_without_three_dims_is_one_sentence() -> None:
+    feats = _features("action", "observation.state")
+    feats["observation.images.image"] = {"dtype": "image", "shape": (16, 16), "names": ["height", "width"]}
+    with pytest.raises(DataError, match="has a feature lerobot cannot use") as info:
+        build_policy_config(model_yaml("tiny_vla"), fake_meta(feats, repo_id="me/odd_dataset"))
+    assert "observation.images.image" in str(info.value) and "\n" not in str(info.value)

@@ -68,7 +68,12 @@ def build_policy_config(model_cfg: Mapping[str, Any], ds_meta: Any, device: str 
     if pretrained:
         cfg.pretrained_path = str(pretrained)
 
-    features = dataset_to_policy_features(ds_meta.features)
+    try:
+        features = dataset_to_policy_features(ds_meta.features)
+    except ValueError as e:  # e.g. an image feature that is not (height, width, channels)
+        raise DataError(
+            f"Dataset {ds_meta.repo_id!r} has a feature lerobot cannot use: {e}".splitlines()[0]
+        ) from e
     cfg.output_features = {k: f for k, f in features.items() if f.type is FeatureType.ACTION}
     cfg.input_features = {k: f for k, f in features.items() if k not in cfg.output_features}
     if not cfg.output_features:
