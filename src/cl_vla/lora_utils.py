@@ -9,7 +9,7 @@ Two users: :class:`cl_vla.algorithms.lora.PerTaskLoRA` (one adapter per task) an
 fine-tuning, a model option (a ``lora:`` block in the ``model`` config) applied by
 :func:`apply_model_lora` right after the policy is built.
 
-``peft`` is an optional dependency (``pip install 'cl_vla[lora]'``), imported only when used.
+``peft`` is imported only when LoRA is used, so the other algorithms start without it.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def _require_peft() -> Any:
         import peft
     except ImportError as e:
         raise ConfigError(
-            "LoRA needs the 'peft' package, which is not installed (pip install 'cl_vla[lora]')."
+            "LoRA needs the 'peft' package, which is not installed; it comes with cl_vla: pip install -e ."
         ) from e
     return peft
 
