@@ -37,3 +37,16 @@ def test_unknown_algorithm_is_one_sentence(capsys):
         bench.main(["--algorithms", "sequential,nope"])
     err = capsys.readouterr().err
     assert "unknown algorithm(s) nope; choose from" in err and "er" in err
+
+
+def test_rows_give_ratios_to_sequential_and_bytes_per_stored_sample():
+    rows = {
+        "er": {"steps_per_s": 9.0, "state_bytes": 2240, "stored": 280, "decoded_bytes": 98_662},
+        "sequential": {"steps_per_s": 12.0, "state_bytes": 0, "stored": 0, "decoded_bytes": 98_662},
+        "ewc": {"steps_per_s": 6.0, "state_bytes": 3 * 2**20, "stored": 0, "decoded_bytes": 98_662},
+    }
+    header, cells = bench.bench_rows(rows)
+    assert header[-1] == "bytes/stored sample (decoded: 98,662)"
+    assert cells[0] == ["er", "9.00", "0.750", "2.2 KiB", "280", "8.0"]
+    assert cells[1] == ["sequential", "12.00", "1.000", "0.0 KiB", "-", "-"]
+    assert cells[2] == ["ewc", "6.00", "0.500", "3.0 MiB", "-", "-"]

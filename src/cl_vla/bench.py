@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -120,6 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--algorithms", default="all", help="comma-separated conf/algorithm choices, or 'all'")
+    p.add_argument("--markdown", type=Path, help="also write the table as Markdown to this file")
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -134,37 +136,59 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [a for a in algos if a not in known]
     if unknown:
         p.error(f"unknown algorithm(s) {', '.join(unknown)}; choose from {', '.join(known)} or 'all'.")
-    console = Console()
+    # Logs and CI have no terminal width; keep the table on one line per algorithm there.
+    console = Console(width=None if sys.stdout.isatty() else 140)
     rows = {}
     with tempfile.TemporaryDirectory(prefix="cl_vla_bench_") as tmp:
         for algo in algos:
             console.print(f"[bold]bench[/]: {algo} ({args.steps} steps/task, batch {args.batch})")
             rows[algo] = run_one(algo, args.steps, args.batch, args.workers, Path(tmp), args.overrides)
-    base = rows.get("sequential", next(iter(rows.values())))["steps_per_s"]
-    title = (
-        f"task-2 steady-state training speed, tiny_vla, batch {args.batch}, {torch.get_num_threads()} threads"
-    )
+    threads = torch.get_num_threads()
+    title = f"task-2 steady-state training speed, tiny_vla, batch {args.batch}, {threads} threads"
+    header, cells = bench_rows(rows)
     t = Table(title=title)
-    for c in (
+    for c in header:
+        t.add_column(c, justify="right")
+    for row in cells:
+        t.add_row(*row)
+    console.print(t)
+    if args.markdown is not None:
+        lines = [f"{title}, {args.steps} steps/task", "", "| " + " | ".join(header) + " |"]
+        lines.append("|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|")
+        lines += ["| " + " | ".join(row) + " |" for row in cells]
+        args.markdown.write_text("\n".join(lines) + "\n")
+
+
+def bench_rows(rows: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
+    """The table's header and cells: speeds as ratios to ``sequential`` (else the first algorithm)."""
+    base = rows.get("sequential", next(iter(rows.values())))["steps_per_s"]
+    decoded = next(iter(rows.values()))["decoded_bytes"]
+    header = [
         "algorithm",
         "steps/s",
         "ratio to sequential",
         "extra memory",
         "stored samples",
-        "bytes/sample",
-    ):
-        t.add_column(c, justify="right")
+        f"bytes/stored sample (decoded: {decoded:,})",
+    ]
+    cells = []
     for algo, r in rows.items():
         per = r["state_bytes"] / r["stored"] if r["stored"] else None
-        t.add_row(
-            algo,
-            f"{r['steps_per_s']:.2f}",
-            f"{r['steps_per_s'] / base:.3f}",
-            f"{r['state_bytes'] / 1024:.1f} KiB",
-            str(r["stored"]),
-            f"{per:.1f} (a decoded sample: {r['decoded_bytes']:,})" if per else "-",
+        cells.append(
+            [
+                algo,
+                f"{r['steps_per_s']:.2f}",
+                f"{r['steps_per_s'] / base:.3f}",
+                _size(r["state_bytes"]),
+                str(r["stored"]) if r["stored"] else "-",
+                f"{per:.1f}" if per else "-",
+            ]
         )
-    console.print(t)
+    return header, cells
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 1024:.1f} KiB"
 
 
 if __name__ == "__main__":

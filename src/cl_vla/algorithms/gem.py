@@ -314,6 +314,10 @@ class EpisodicGradientAlgorithm(CLAlgorithm):
         self.num_projections = 0
         self._sample_calls = 0
 
+    def __len__(self) -> int:
+        """Frames held in the episodic memory (as dataset references)."""
+        return len(self._memory)
+
     @classmethod
     def _check_hparams(cls, memory_per_task: Any, memory_batch_size: Any, margin: Any) -> None:
         per_task = _positive_int("memory_per_task", memory_per_task)
