@@ -70,6 +70,14 @@ class RolloutStats:
         }
 
 
+def _rank_and_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 class MetaworldEvaluator:
     """Success rates of a policy on the Meta-World tasks of a sequence; keeps its workers between calls."""
 
@@ -129,26 +137,39 @@ class MetaworldEvaluator:
 
     @torch.no_grad()
     def evaluate(self, module: Any, tasks: Sequence[int], label: str = "eval") -> list[float]:
-        """Success rate in [0, 1] of every task position in ``tasks``."""
+        """Success rate in [0, 1] of every task position in ``tasks``.
+
+        Under DDP the episodes are split over the ranks (rank r runs episodes r, r + world, ...) and the
+        success counts summed, so the rate is over all ``eval.episodes`` and no episode runs twice.
+        """
+        rank, world = _rank_and_world()
+        mine = list(range(rank, self.episodes, world))
         policy = module.policy
         was_training = policy.training
         policy.eval()
         tic = time.perf_counter()
         deadline = tic + self.timeout_s if self.timeout_s else None
         steps_before = self.stats.env_steps
-        rates = []
+        counts = torch.zeros(len(tasks), 2, dtype=torch.float64)  # successes, episodes
         try:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.seeds[0])
-                for task in tasks:
+                for k, task in enumerate(tasks):
                     with module.algorithm.eval_context(task, module):
-                        rates.append(self._task(module, task, label, deadline))
+                        counts[k] = torch.tensor(self._task(module, task, label, deadline, mine, rank))
         finally:
             policy.train(was_training)
+        if world > 1:
+            import torch.distributed as dist
+
+            counts = counts.to(module.device)
+            dist.all_reduce(counts)
+            counts = counts.cpu()
+        rates = [float(s / n) for s, n in counts.tolist()]
         seconds = time.perf_counter() - tic
         self.stats.seconds += seconds
         steps = self.stats.env_steps - steps_before
-        self.stats.episodes += len(tasks) * self.episodes
+        self.stats.episodes += len(tasks) * len(mine)
         self.stats.per_eval.append(
             {"label": label, "seconds": round(seconds, 2), "env_steps": steps, "success": rates}
         )
@@ -157,20 +178,26 @@ class MetaworldEvaluator:
         )
         return rates
 
-    def _task(self, module: Any, task: int, label: str, deadline: float | None) -> float:
+    def _task(
+        self, module: Any, task: int, label: str, deadline: float | None, episodes: list[int], rank: int
+    ) -> tuple[int, int]:
+        """Run ``episodes`` (ids into ``self.seeds``) of one task; ``(successes, episodes run)``."""
         from lerobot.envs.utils import preprocess_observation
 
+        n = len(episodes)
+        if n == 0:  # more DDP ranks than episodes
+            return 0, 0
         env_task, instruction = self.env_tasks[task], self.instructions[task]
         w = self.workers
-        shards = [list(range(i, self.episodes, w.size)) for i in range(w.size)]
+        shards = [list(range(i, n, w.size)) for i in range(w.size)]
         shards = [s for s in shards if s]
         for i, idx in enumerate(shards):
-            w.submit(i, "reset", env_task, [self.seeds[k] for k in idx])
+            w.submit(i, "reset", env_task, [self.seeds[episodes[k]] for k in idx])
         obs = self._gather([w.result(i) for i in range(len(shards))], shards)
         module.policy.reset()
-        running = np.ones(self.episodes, dtype=bool)
-        success = np.zeros(self.episodes, dtype=bool)
-        frames: list[list[np.ndarray]] = [[] for _ in range(min(self.videos, self.episodes))]
+        running = np.ones(n, dtype=bool)
+        success = np.zeros(n, dtype=bool)
+        frames: list[list[np.ndarray]] = [[] for _ in range(min(self.videos, n) if rank == 0 else 0)]
         first_cam = self.spec.cameras[0] if self.spec.cameras else None
         for _step in range(self.max_steps):
             if first_cam is not None:
@@ -180,7 +207,7 @@ class MetaworldEvaluator:
             batch = {k: v.to(module.device) for k, v in preprocess_observation(obs).items()}
             if self.single_image_key:  # lerobot's one-camera key; its camera is corner2
                 batch["observation.image"] = batch.pop("observation.images.corner2")
-            batch["task"] = [instruction] * self.episodes
+            batch["task"] = [instruction] * n
             action = module.policy.select_action(module.preprocessor(batch))
             if module.postprocessor is not None:
                 action = module.postprocessor(action)
@@ -207,8 +234,8 @@ class MetaworldEvaluator:
                 )
                 break
         if frames:
-            self._save_videos(frames, success, label, task, env_task)
-        return float(success.mean())
+            self._save_videos(frames, success, label, task, env_task, episodes)
+        return int(success.sum()), n
 
     def _gather(self, parts: list[dict[str, Any]], shards: list[list[int]]) -> dict[str, Any]:
         """Worker shards back into episode order (episode k is at row k)."""
@@ -226,7 +253,13 @@ class MetaworldEvaluator:
         return out
 
     def _save_videos(
-        self, frames: list[list[np.ndarray]], success: np.ndarray, label: str, task: int, env_task: str
+        self,
+        frames: list[list[np.ndarray]],
+        success: np.ndarray,
+        label: str,
+        task: int,
+        env_task: str,
+        episodes: list[int],
     ) -> None:
         if self.run_dir is None or not any(frames):
             return
@@ -240,7 +273,8 @@ class MetaworldEvaluator:
                 continue
             scale = max(1, 256 // buf[0].shape[0])  # small observations: enlarge (nearest) to watch them
             clip = [np.repeat(np.repeat(f, scale, axis=0), scale, axis=1) for f in buf]
-            path = out / f"task{task:02d}_{env_task}_ep{k}_{'success' if success[k] else 'failure'}.mp4"
+            outcome = "success" if success[k] else "failure"
+            path = out / f"task{task:02d}_{env_task}_ep{episodes[k]}_{outcome}.mp4"
             write_video(path, clip, fps=30)
             paths.append(path)
         run = self.wandb_run() if self.wandb_run is not None else None
