@@ -27,6 +27,8 @@ CPU_SIZED = {
     "ewc": ["algorithm.fisher_samples=48"],
     "ewc_online": ["algorithm.fisher_samples=48"],
     "mir": ["algorithm.mir_candidates=16", "algorithm.k=4"],
+    # tiny_vla starts from scratch: TAIL's adapters need a trained base, so task 0 trains it (see the YAML).
+    "lora_per_task": ["algorithm.train_base_on_first_task=true"],
 }
 
 
