@@ -17,7 +17,8 @@ memory and the memory-gradient machinery (:class:`EpisodicGradientAlgorithm`).
 Memory frames: the references are read through ``context.make_loader`` (the run's DataLoader and
 collate, kept from the last task hook) with ``num_workers=0``, since starting worker processes at
 every step would cost more than decoding a memory batch; after a mid-task resume no hook has run yet,
-and a plain DataLoader with the default collate (what ``make_loader`` uses) stands in.
+and a plain DataLoader with the default collate (what ``make_loader`` uses) and its own generator
+stands in.
 
 Under DDP the current gradient is already averaged over ranks when ``after_backward`` runs, but the
 memory gradients are computed locally (each rank draws its own memory batch): they are all-reduced
@@ -406,9 +407,12 @@ class EpisodicGradientAlgorithm(CLAlgorithm):
     def _load_batch(self, pairs: Sequence[tuple[int, int]]) -> dict:
         ds = self._memory.dataset(pairs)
         kwargs = {"batch_size": len(ds), "shuffle": False, "num_workers": 0}
-        loader = (
-            self._make_loader(ds, **kwargs) if self._make_loader is not None else DataLoader(ds, **kwargs)
-        )
+        if self._make_loader is not None:
+            loader = self._make_loader(ds, **kwargs)
+        else:
+            # Its own generator: a DataLoader without one draws its base seed from the global torch
+            # RNG, which dropout uses, and a resumed run would then diverge from an uninterrupted one.
+            loader = DataLoader(ds, generator=torch.Generator().manual_seed(self.seed), **kwargs)
         return next(iter(loader))
 
     def _memory_gradient(
