@@ -167,10 +167,6 @@ class ContinualRun:
             {k: {s: v for s, v in d.items()} for k, d in unflatten_stats(extra["normalization"]).items()}
         )
         set_rng_state(extra["rng"])
-        # A task-boundary checkpoint resumes into a new task: its optimizer starts afresh when configured so.
-        self.module.clear_optimizer_on_start = (
-            self.state.step_in_task == 0 and self.cfg.trainer.reset_optimizer_per_task
-        )
 
     def save(self, name: str) -> None:
         path = self.ckpt_dir / name
@@ -246,10 +242,17 @@ def run_continual(
         # Our part of the checkpoint is restored here, once; Lightning restores weights, optimizer and
         # step counters in the first fit. Doing it before the fit lets a task-boundary resume run the
         # new task's on_task_start on top of the restored state, as the uninterrupted run did.
-        run._load_extra(torch.load(run.resume_ckpt, map_location="cpu", weights_only=True))
+        ckpt = torch.load(run.resume_ckpt, map_location="cpu", weights_only=True)
+        run._load_extra(ckpt)
         run.module.load_extra = None
         algorithm.setup(run.module)
         _reattach(run)
+        if st.step_in_task == 0 and st.task < T:
+            # The new task's on_task_start must see the previous task's weights, as it did in the
+            # uninterrupted run; Lightning's own restore (inside fit) would come after it.
+            run.module.load_state_dict(ckpt["state_dict"])
+            run.module.keep_weights_on_restore = True
+        del ckpt
     else:
         run._stats_for_task(0)
         (run.run_dir / "config.resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))

@@ -52,9 +52,10 @@ class CLPolicyModule(L.LightningModule):
         self.task = 0
         self._optimizer: torch.optim.Optimizer | None = None
         self._last_batch: dict | None = None
-        #: Set when a task-boundary checkpoint was restored into a run that resets the optimizer per
-        #: task: Lightning restored the previous task's moments, which an uninterrupted run would not have.
-        self.clear_optimizer_on_start = False
+        #: Set by the loop when it resumes from a task-boundary checkpoint: it restored the weights itself
+        #: before the new task's ``on_task_start`` (which may have added or changed parameters, e.g. a new
+        #: LoRA adapter), so Lightning's restore keeps those weights instead of the checkpoint's.
+        self.keep_weights_on_restore = False
         #: Called with the Lightning checkpoint dict on save/load; set by the loop (loop position,
         #: algorithm state, normalization statistics, RNG states live there).
         self.save_extra: Callable[[dict], None] | None = None
@@ -110,9 +111,14 @@ class CLPolicyModule(L.LightningModule):
     def configure_optimizers(self) -> dict:
         # Lightning calls this at every fit, i.e. at every task: a fresh optimizer unless configured
         # to carry its moments across tasks.
+        groups = self._trainable_groups()
         if self._optimizer is None or self.reset_optimizer_per_task:
-            self._optimizer = torch.optim.AdamW(
-                self._trainable_groups(), lr=self.lr, weight_decay=self.weight_decay
+            self._optimizer = torch.optim.AdamW(groups, lr=self.lr, weight_decay=self.weight_decay)
+        elif _param_ids(groups) != _param_ids(self._optimizer.param_groups):
+            raise CLVLAError(
+                f"trainer.reset_optimizer_per_task=false cannot carry the optimizer into task {self.task}: "
+                f"algorithm {self.algorithm.name!r} changed which parameters train at the task boundary "
+                "(the kept optimizer would not update the new ones); use trainer.reset_optimizer_per_task=true."
             )
         return {"optimizer": self._optimizer}
 
@@ -128,12 +134,6 @@ class CLPolicyModule(L.LightningModule):
             if kept:
                 out.append({**g, "params": kept})
         return out
-
-    def on_train_start(self) -> None:
-        if self.clear_optimizer_on_start:
-            for opt in self.trainer.optimizers:
-                opt.state.clear()
-            self.clear_optimizer_on_start = False
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # The learning rate is a pure function of the step, set before every step, rather than a
@@ -159,8 +159,20 @@ class CLPolicyModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         _start_fresh_epoch_after_completed_one(checkpoint)
+        if self.keep_weights_on_restore:
+            # A task-boundary resume: weights restored and the new task started (see the attribute).
+            # Its optimizer is the one an uninterrupted run builds for the task: fresh when reset per
+            # task (nothing of the checkpoint's to load), else the checkpoint's, carried on.
+            checkpoint["state_dict"] = self.state_dict()
+            if self.reset_optimizer_per_task:
+                checkpoint["optimizer_states"] = []
+            self.keep_weights_on_restore = False
         if self.load_extra is not None:
             self.load_extra(checkpoint)
+
+
+def _param_ids(groups: list[dict]) -> set[int]:
+    return {id(p) for g in groups for p in g["params"]}
 
 
 def _start_fresh_epoch_after_completed_one(checkpoint: dict) -> None:
