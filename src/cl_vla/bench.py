@@ -34,10 +34,11 @@ def run_in_process(overrides: list[str], out_dir: Path, algorithm_hook=None) -> 
     """Compose ``conf/`` with ``overrides``, train in this process into ``out_dir``.
 
     Returns ``(results, algorithm, data)``; ``results`` is what :func:`cl_vla.reporting.read_results`
-    reads back from ``out_dir``.
+    reads back from the run's directory (``out_dir``, or the resumed run's with ``resume=...``).
     """
     from hydra import compose, initialize_config_dir
 
+    from cl_vla.checkpointing import resolve_resume
     from cl_vla.cli import build_algorithm, prepare_data, validate_config
     from cl_vla.config import register_configs
     from cl_vla.loop import run_continual
@@ -54,7 +55,8 @@ def run_in_process(overrides: list[str], out_dir: Path, algorithm_hook=None) -> 
         algorithm_hook(algorithm)
     data, policy_cfg = prepare_data(cfg)
     run_continual(cfg, data, policy_cfg, algorithm, console=Console(quiet=True))
-    return read_results(out_dir), algorithm, data
+    run_dir = resolve_resume(cfg.resume)[0] if cfg.resume else out_dir
+    return read_results(run_dir), algorithm, data
 
 
 def sequence_overrides(name: str, tasks: list[str]) -> list[str]:
