@@ -118,7 +118,8 @@ class CLPolicyModule(L.LightningModule):
             raise CLVLAError(
                 f"trainer.reset_optimizer_per_task=false cannot carry the optimizer into task {self.task}: "
                 f"algorithm {self.algorithm.name!r} changed which parameters train at the task boundary "
-                "(the kept optimizer would not update the new ones); use trainer.reset_optimizer_per_task=true."
+                "(the kept optimizer would not update the new ones); "
+                "use trainer.reset_optimizer_per_task=true."
             )
         return {"optimizer": self._optimizer}
 
