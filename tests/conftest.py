@@ -58,6 +58,27 @@ def synthetic_overrides(root: str | Path, repo_id: str) -> list[str]:
     ]
 
 
+def in_process_overrides(algo: str, root: str | Path, repo_id: str, name: str, steps: int) -> list[str]:
+    """Overrides for an in-process run (``cl_vla.bench.compose_run``) of ``algo`` on LIBERO-Spatial's
+    first two instructions of the fixture dataset: batch 4, 16 px, no workers, no logger."""
+    from cl_vla.bench import sequence_overrides
+    from cl_vla.data.task_sequences import get_task_sequence
+
+    return [
+        f"algorithm={algo}",
+        *sequence_overrides(name, list(get_task_sequence("libero_spatial").tasks[:2])),
+        f"data.root={root}",
+        f"data.repo_id={repo_id}",
+        "data.synthetic=null",
+        "data.num_workers=0",
+        "data.batch_size=4",
+        "model.image_size=16",
+        f"continual_learning.steps_per_task={steps}",
+        "trainer.progress_bar=false",
+        "logger=none",
+    ]
+
+
 def run_train(
     args: Sequence[str],
     cwd: str | Path = REPO_ROOT,

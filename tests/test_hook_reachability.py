@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from rich.console import Console
 
-from conftest import CONF_DIR
+from conftest import CONF_DIR, in_process_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -43,40 +43,17 @@ def _instrument(algorithm, calls: Counter) -> None:
 
 @pytest.mark.parametrize("algo", ALGORITHMS)
 def test_every_hook_is_reached(algo, synthetic_libero, tmp_path: Path):
-    from hydra import compose, initialize_config_dir
-
-    from cl_vla.cli import build_algorithm, prepare_data, validate_config
-    from cl_vla.config import register_configs
-    from cl_vla.data.task_sequences import get_task_sequence
+    from cl_vla.bench import compose_run
     from cl_vla.loop import run_continual
 
     root, repo_id, _ = synthetic_libero
-    tasks = list(get_task_sequence("libero_spatial").tasks[:2])
-    register_configs()
     overrides = [
-        f"algorithm={algo}",
-        "task_sequence=custom",
-        "task_sequence.name=hooks2",
-        "task_sequence.tasks=[" + ",".join(f"'{t}'" for t in tasks) + "]",
-        f"data.root={root}",
-        f"data.repo_id={repo_id}",
-        "data.synthetic=null",
-        "data.num_workers=0",
-        "data.batch_size=4",
-        "model.image_size=16",
-        "continual_learning.steps_per_task=3",
+        *in_process_overrides(algo, root, repo_id, "hooks2", steps=3),
         "trainer.checkpoint_every_n_steps=2",
-        "trainer.progress_bar=false",
-        "logger=none",
-        f"output_dir={tmp_path}",
     ]
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=overrides)
-    cfg = validate_config(cfg)
-    algorithm = build_algorithm(cfg.algorithm)
+    cfg, algorithm, data, policy_cfg = compose_run(overrides, tmp_path)
     calls: Counter = Counter()
     _instrument(algorithm, calls)
-    data, policy_cfg = prepare_data(cfg)
     run_continual(cfg, data, policy_cfg, algorithm, console=Console(quiet=True))
 
     # replay_indices is asked only of algorithms that replay (replay_batch_ratio > 0).

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import CONF_DIR
+from conftest import CONF_DIR, in_process_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -43,24 +43,11 @@ def _crash_in_second_task(algorithm) -> None:
 
 
 def _overrides(algo: str, synthetic_libero) -> list[str]:
-    from cl_vla.bench import sequence_overrides
-    from cl_vla.data.task_sequences import get_task_sequence
-
     root, repo_id, _ = synthetic_libero
     return [
-        f"algorithm={algo}",
-        *sequence_overrides("resume2", list(get_task_sequence("libero_spatial").tasks[:2])),
-        f"data.root={root}",
-        f"data.repo_id={repo_id}",
-        "data.synthetic=null",
-        "data.num_workers=0",
-        "data.batch_size=4",
-        "model.image_size=16",
-        f"continual_learning.steps_per_task={STEPS}",
+        *in_process_overrides(algo, root, repo_id, "resume2", STEPS),
         "trainer.checkpoint_every_n_steps=2",
         "trainer.warmup_steps=2",
-        "trainer.progress_bar=false",
-        "logger=none",
     ]
 
 

@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from rich.console import Console
@@ -30,20 +31,16 @@ def _decoded_bytes(dataset) -> int:
     return sum(v.numel() * v.element_size() for v in item.values() if isinstance(v, torch.Tensor))
 
 
-def run_in_process(overrides: list[str], out_dir: Path, algorithm_hook=None) -> tuple[dict, object, object]:
-    """Compose ``conf/`` with ``overrides``, train in this process into ``out_dir``.
+def compose_run(overrides: list[str], out_dir: Path) -> tuple[Any, Any, Any, Any]:
+    """Compose ``conf/`` with ``overrides`` (output into ``out_dir``) as ``train.py`` would.
 
-    Returns ``(results, algorithm, data)``; ``results`` is what :func:`cl_vla.reporting.read_results`
-    reads back from the run's directory (``out_dir``, or the resumed run's with ``resume=...``).
+    Returns ``(cfg, algorithm, data, policy_cfg)``, ready for :func:`cl_vla.loop.run_continual`.
     """
     from hydra import compose, initialize_config_dir
 
-    from cl_vla.checkpointing import resolve_resume
     from cl_vla.cli import build_algorithm, prepare_data, validate_config
     from cl_vla.config import register_configs
-    from cl_vla.loop import run_continual
     from cl_vla.paths import conf_dir
-    from cl_vla.reporting import read_results
 
     register_configs()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -51,9 +48,23 @@ def run_in_process(overrides: list[str], out_dir: Path, algorithm_hook=None) -> 
         cfg = compose("config", overrides=[*overrides, f"output_dir={out_dir}"])
     cfg = validate_config(cfg)
     algorithm = build_algorithm(cfg.algorithm)
+    data, policy_cfg = prepare_data(cfg)
+    return cfg, algorithm, data, policy_cfg
+
+
+def run_in_process(overrides: list[str], out_dir: Path, algorithm_hook=None) -> tuple[dict, object, object]:
+    """Compose ``conf/`` with ``overrides``, train in this process into ``out_dir``.
+
+    Returns ``(results, algorithm, data)``; ``results`` is what :func:`cl_vla.reporting.read_results`
+    reads back from the run's directory (``out_dir``, or the resumed run's with ``resume=...``).
+    """
+    from cl_vla.checkpointing import resolve_resume
+    from cl_vla.loop import run_continual
+    from cl_vla.reporting import read_results
+
+    cfg, algorithm, data, policy_cfg = compose_run(overrides, out_dir)
     if algorithm_hook is not None:
         algorithm_hook(algorithm)
-    data, policy_cfg = prepare_data(cfg)
     run_continual(cfg, data, policy_cfg, algorithm, console=Console(quiet=True))
     run_dir = resolve_resume(cfg.resume)[0] if cfg.resume else out_dir
     return read_results(run_dir), algorithm, data
