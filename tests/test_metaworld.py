@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import types
 
 import numpy as np
@@ -101,26 +102,23 @@ def test_recording_two_tasks_gives_a_valid_dataset_whose_tasks_resolve(recorded)
 @pytest.mark.slow
 def test_short_training_with_closed_loop_evaluation(recorded, tmp_path):
     run_dir = tmp_path / "run"
-    proc = run_train(
-        [
-            *_overrides(),
-            "eval=sim",
-            "eval.episodes=2",
-            "eval.max_episode_steps=15",
-            "eval.videos=1",
-            "eval.num_workers=1",
-            "algorithm=er",
-            "model.image_size=32",
-            "continual_learning.steps_per_task=4",
-            "data.batch_size=8",
-            "data.num_workers=0",
-            "trainer.progress_bar=false",
-            "trainer.warmup_steps=1",
-            "logger=none",
-            f"hydra.run.dir={run_dir}",
-        ],
-        timeout=400,
-    )
+    args = [
+        *_overrides(),
+        "eval=sim",
+        "eval.episodes=2",
+        "eval.max_episode_steps=15",
+        "eval.videos=1",
+        "eval.num_workers=1",
+        "algorithm=er",
+        "model.image_size=32",
+        "continual_learning.steps_per_task=4",
+        "data.batch_size=8",
+        "data.num_workers=0",
+        "trainer.progress_bar=false",
+        "trainer.warmup_steps=1",
+        "logger=none",
+    ]
+    proc = run_train([*args, f"hydra.run.dir={run_dir}"], timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((run_dir / "results.json").read_text())
     R = np.array(results["matrix"], dtype=float)
@@ -133,6 +131,21 @@ def test_short_training_with_closed_loop_evaluation(recorded, tmp_path):
     assert sim["env_steps"] > 0 and sim["episodes"] == 3 * 2 * 2  # (baseline + 2 tasks) x 2 tasks x 2 eps
     assert len(list((run_dir / "videos").rglob("*.mp4"))) == 3 * 2
     assert "success rate" in proc.stdout
+
+    # Resumed at the task boundary (a copy of the run after task 0), it ends with the same success
+    # matrix and the same held-out loss matrix (restored from the checkpoint, then extended).
+    boundary = tmp_path / "boundary"
+    shutil.copytree(run_dir, boundary)
+    (boundary / "results.json").unlink()
+    ckpt = boundary / "checkpoints" / "task_00.ckpt"
+    resumed = run_train([*args, f"hydra.run.dir={tmp_path / 'h'}", f"resume={ckpt}"], timeout=400)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    again = json.loads((boundary / "results.json").read_text())
+    np.testing.assert_array_equal(np.array(again["matrix"], dtype=float), R)
+    np.testing.assert_allclose(
+        np.array(again["extra"]["heldout_action_loss"]["matrix"], dtype=float), loss, rtol=0, atol=1e-6
+    )
+    assert again["extra"]["baseline"] == results["extra"]["baseline"]
 
 
 def test_unknown_task_name_suggests_close_ones():
