@@ -468,7 +468,7 @@ def write_report(
         counts[r.status] = counts.get(r.status, 0) + 1
     first = sweep.complete[0].results if sweep.complete else None
     md = [f"# Sweep report: {sweep.path.name}", ""]
-    md.append(f"- directory: `{sweep.path.resolve()}`")
+    md.append(f"- directory: `{sweep.path}`")  # as given: a shared report names no machine path
     swept = ", ".join(f"`{k}`" for k in sweep.spec.swept) or "nothing"
     md.append(f"- config: `{sweep.spec.config_name}`; swept: {swept} ({sweep.spec_source})")
     md.append(f"- base overrides: {', '.join(f'`{b}`' for b in sweep.spec.base) or 'none'}")
@@ -501,7 +501,7 @@ def write_report(
     paths["markdown"].write_text("\n".join(md), encoding="utf-8")
 
     data = {
-        "sweep_dir": str(sweep.path.resolve()),
+        "sweep_dir": str(sweep.path),
         "spec": sweep.spec.to_json(),
         "spec_source": sweep.spec_source,
         "seed_key": sweep.seed_key,
