@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Replay-ratio sweep on the embedded default (Meta-World mw_short, closed-loop success; no data to
-# fetch): ER at 4 replay batch ratios (0 = no replay) x 3 seeds, then the report. About 2-3 min per run
+# fetch): ER at 4 replay batch ratios (0 = no replay) x 3 seeds, then the report. About 4.5 min per run
 # on 2 CPU cores (one torch thread per run, as `make run`); parallel: hydra/launcher=joblib
 # hydra.launcher.n_jobs=2.
 #   bash experiments/replay_ratio_metaworld.sh [trainer=gpu]
