@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Algorithm comparison on the embedded default (Meta-World mw_short, closed-loop success; no data to
 # fetch): the lower bound (sequential fine-tuning), the CL algorithms and the upper bound (multitask),
-# 3 seeds each, then the report. 27 runs of 2-3 min on 2 CPU cores; narrow it with
+# 3 seeds each, then the report. 27 runs of about 4.5 min on 2 CPU cores (ER; GEM-style ones longer); narrow it with
 # ALGORITHMS=sequential,er,multitask. Parallel runs on one machine: hydra/launcher=joblib
 # hydra.launcher.n_jobs=2; W&B: logger=default (on by default).
 #   bash experiments/algorithm_comparison.sh [hydra/launcher=joblib hydra.launcher.n_jobs=2] [trainer=gpu]
