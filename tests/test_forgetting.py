@@ -3,11 +3,9 @@ measurable and ordered: sequential forgets most, experience replay much less, jo
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
-from conftest import run_train
+from conftest import train_in_process
 
 pytestmark = pytest.mark.slow
 
@@ -15,7 +13,7 @@ SPEC = {"episodes_per_task": 10, "frames_per_episode": 8, "image_size": 16}
 
 
 def _run(algo, root, repo_id, tasks, run_dir):
-    proc = run_train(
+    results = train_in_process(
         [
             f"algorithm={algo}",
             "task_sequence=custom",
@@ -30,12 +28,10 @@ def _run(algo, root, repo_id, tasks, run_dir):
             "model.image_size=16",
             "continual_learning.steps_per_task=100",
             "logger=none",
-            f"hydra.run.dir={run_dir}",
         ],
-        timeout=600,
+        run_dir,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads((run_dir / "results.json").read_text())["metrics"]
+    return results["metrics"]
 
 
 def test_sequential_forgets_er_less_multitask_least(synthetic_dataset_factory, tmp_path):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -144,19 +143,7 @@ def test_sigkill_mid_task_then_resume_matches_uninterrupted(synthetic_libero, tm
     assert w_ref.keys() == w_cut.keys()
     for k in w_ref:
         torch.testing.assert_close(w_cut[k], w_ref[k], rtol=0, atol=1e-6, msg=k)
-
-    # Resuming from a task-boundary checkpoint (a copy of the reference run after task 0) ends the same.
-    boundary_dir = tmp_path / "boundary"
-    shutil.copytree(ref_dir, boundary_dir)
-    (boundary_dir / "results.json").unlink()
-    ckpt = boundary_dir / "checkpoints" / "task_00.ckpt"
-    resumed = run_train(_small_args(root, repo_id, tmp_path / "h_boundary", [f"resume={ckpt}"]), timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    r_boundary = json.loads((boundary_dir / "results.json").read_text())["matrix"]
-    np.testing.assert_allclose(np.array(r_boundary, float), np.array(r_ref, float), rtol=0, atol=1e-6)
-    w_boundary = _final_weights(boundary_dir)
-    for k in w_ref:
-        torch.testing.assert_close(w_boundary[k], w_ref[k], rtol=0, atol=1e-6, msg=k)
+    # Resuming from a task-boundary checkpoint: tests/test_every_algorithm.py (every algorithm).
 
 
 def test_resume_rejects_mismatched_and_corrupt_checkpoints(synthetic_libero, tmp_path):

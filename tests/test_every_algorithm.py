@@ -1,16 +1,20 @@
-"""Every shipped algorithm resumes exactly.
+"""Every shipped algorithm, through the loop alone: every hook is reached, and it resumes exactly.
 
-For each ``conf/algorithm`` choice: a run that crashes mid-task (after a mid-task checkpoint) and is
-resumed, and a run resumed from the first task-boundary checkpoint, both end with the same R matrix,
-weights and algorithm state as the uninterrupted run. This is the checkpoint contract (algorithm
-state saved whole, nothing re-sampled or recomputed on resume) checked through the loop alone.
+For each ``conf/algorithm`` choice, one uninterrupted two-task run counts the hook calls (hook
+reachability); then a run that crashes mid-task (after a mid-task checkpoint) and is resumed, and a
+run resumed from the first task-boundary checkpoint, must both end with the same R matrix, weights
+and algorithm state as the uninterrupted one: the checkpoint contract (algorithm state saved whole,
+nothing re-sampled or recomputed on resume). One test per algorithm, sharing the uninterrupted run,
+because the runs, not the checks, are what costs.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -22,12 +26,39 @@ from conftest import CONF_DIR, in_process_overrides
 pytestmark = pytest.mark.slow
 
 ALGORITHMS = sorted(p.stem for p in (CONF_DIR / "algorithm").glob("*.yaml"))
+HOOKS = (
+    "setup",
+    "on_task_start",
+    "training_tasks",
+    "replay_indices",
+    "penalty",
+    "after_backward",
+    "observe",
+    "on_task_end",
+    "eval_context",
+    "state_dict",
+)
 STEPS = 4  # per task; a mid-task checkpoint every 2 steps, so the crash at step 3 resumes from step 2
 CRASH_STEP = 3
 
 
 class Crash(RuntimeError):
     """Stands for a killed process: raised from inside Lightning's fit, after a checkpoint."""
+
+
+def _counting(calls: Counter):
+    def instrument(algorithm) -> None:
+        for name in HOOKS:
+            method = getattr(algorithm, name)
+
+            @functools.wraps(method)
+            def record(*args, _name=name, _method=method, **kwargs):
+                calls[_name] += 1
+                return _method(*args, **kwargs)
+
+            setattr(algorithm, name, record)
+
+    return instrument
 
 
 def _crash_in_second_task(algorithm) -> None:
@@ -77,12 +108,21 @@ def _assert_same_run(got: Path, ref: Path, what: str) -> None:
 
 
 @pytest.mark.parametrize("algo", ALGORITHMS)
-def test_crash_and_boundary_resume_match_uninterrupted(algo, synthetic_libero, tmp_path: Path):
+def test_every_hook_is_reached_and_resume_is_exact(algo, synthetic_libero, tmp_path: Path):
     from cl_vla.bench import run_in_process
 
     overrides = _overrides(algo, synthetic_libero)
     ref, cut = tmp_path / "ref", tmp_path / "cut"
-    run_in_process(overrides, ref)
+    calls: Counter = Counter()
+    results, algorithm, _ = run_in_process(overrides, ref, algorithm_hook=_counting(calls))
+    # replay_indices is asked only of algorithms that replay (replay_batch_ratio > 0).
+    expected = [h for h in HOOKS if h != "replay_indices" or algorithm.replay_batch_ratio > 0]
+    missing = [h for h in expected if calls[h] == 0]
+    assert not missing, f"{algo}: hooks never reached: {missing}"
+    assert calls["on_task_start"] == calls["on_task_end"] == 2
+    assert calls["observe"] == calls["after_backward"] == calls["penalty"] == 2 * STEPS
+    assert calls["eval_context"] >= 2 * 2  # every task evaluated after every task
+    assert results["matrix"].shape == (2, 2) and np.isfinite(results["matrix"]).all()
 
     with pytest.raises(Crash):
         run_in_process(overrides, cut, algorithm_hook=_crash_in_second_task)
