@@ -35,11 +35,16 @@ RUN_DEFAULT ?= experiment=metaworld_default
 run: install  ## train the embedded default (make run ARGS="algorithm=sequential")
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) train.py $(RUN_DEFAULT) $(ARGS)
 
-test: install  ## run the whole test suite offline on CPU
-	$(PY) -m pytest -q $(ARGS)
+# Tests run in PYTEST_WORKERS processes (whole files each, so a file's session fixtures are built once),
+# one torch thread each (about 9 min of tests on 2 cores; PYTEST_WORKERS=1 for one process).
+PYTEST_WORKERS ?= 2
+PYTEST := OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile
+
+test: install  ## run the whole test suite offline on CPU (PYTEST_WORKERS=2)
+	$(PYTEST) $(ARGS)
 
 test-fast: install  ## the tests without the slow end-to-end ones
-	$(PY) -m pytest -q -m "not slow and not ddp" $(ARGS)
+	$(PYTEST) -m "not slow and not ddp" $(ARGS)
 
 lint: install  ## ruff check and format check
 	$(PY) -m ruff check src tests train.py experiments
