@@ -162,28 +162,9 @@ def two_task_run(algo: str, synthetic_libero, run_dir: Path, *extra: str) -> tup
     """
     import torch
 
-    from cl_vla.data.task_sequences import get_task_sequence
-
     root, repo_id, _ = synthetic_libero
-    tasks = list(get_task_sequence("libero_spatial").tasks[:2])
-    results = train_in_process(
-        [
-            f"algorithm={algo}",
-            *extra,
-            "task_sequence=custom",
-            f"task_sequence.name={algo}2",
-            "task_sequence.tasks=[" + ",".join(f"'{t}'" for t in tasks) + "]",
-            *synthetic_overrides(root, repo_id),
-            "trainer.progress_bar=false",
-            "trainer.warmup_steps=2",
-            "data.num_workers=0",
-            "data.batch_size=4",
-            "model.image_size=16",
-            "continual_learning.steps_per_task=5",
-            "logger=none",
-        ],
-        run_dir,
-    )
+    overrides = in_process_overrides(algo, root, repo_id, f"{algo}2", steps=5)
+    results = train_in_process([*overrides, "trainer.warmup_steps=2", *extra], run_dir)
     assert results["extra"]["algorithm"] == algo and len(results["matrix"]) == 2
     ckpt = torch.load(run_dir / "checkpoints" / "task_01.ckpt", map_location="cpu", weights_only=True)
     return results, ckpt
