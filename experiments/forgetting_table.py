@@ -42,9 +42,9 @@ def main() -> None:
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    from cl_vla.bench import run_in_process, sequence_overrides
     from cl_vla.data.synthetic import SyntheticSpec, write_synthetic_dataset
     from cl_vla.data.task_sequences import get_task_sequence
+    from cl_vla.in_process import run_in_process, sequence_overrides
     from cl_vla.paths import cache_dir, conf_dir
 
     algos = (

@@ -39,7 +39,7 @@ def _rank(rank: int, port: int, root: str, repo_id: str, out: str) -> None:
     )
     from rich.console import Console
 
-    from cl_vla.bench import compose_run
+    from cl_vla.in_process import compose_run
     from cl_vla.loop import run_continual
 
     for algo in ALGORITHMS:

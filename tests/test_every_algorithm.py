@@ -109,7 +109,7 @@ def _assert_same_run(got: Path, ref: Path, what: str) -> None:
 
 @pytest.mark.parametrize("algo", ALGORITHMS)
 def test_every_hook_is_reached_and_resume_is_exact(algo, synthetic_libero, tmp_path: Path):
-    from cl_vla.bench import run_in_process
+    from cl_vla.in_process import run_in_process
 
     overrides = _overrides(algo, synthetic_libero)
     ref, cut = tmp_path / "ref", tmp_path / "cut"

@@ -1,0 +1,56 @@
+"""Run what ``train.py`` runs inside this process: for the bench, experiment scripts and tests, which
+need the algorithm object afterwards or cannot afford an interpreter start-up per run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+
+def compose_run(overrides: list[str], out_dir: Path) -> tuple[Any, Any, Any, Any]:
+    """Compose ``conf/`` with ``overrides`` (output into ``out_dir``) as ``train.py`` would.
+
+    Returns ``(cfg, algorithm, data, policy_cfg)``, ready for :func:`cl_vla.loop.run_continual`.
+    """
+    from hydra import compose, initialize_config_dir
+
+    from cl_vla.cli import build_algorithm, prepare_data, validate_config
+    from cl_vla.config import register_configs
+    from cl_vla.paths import conf_dir
+
+    register_configs()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        cfg = compose("config", overrides=[*overrides, f"output_dir={out_dir}"])
+    cfg = validate_config(cfg)
+    algorithm = build_algorithm(cfg.algorithm)
+    data, policy_cfg = prepare_data(cfg)
+    return cfg, algorithm, data, policy_cfg
+
+
+def run_in_process(overrides: list[str], out_dir: Path, algorithm_hook=None) -> tuple[dict, object, object]:
+    """Compose ``conf/`` with ``overrides``, train in this process into ``out_dir``.
+
+    Returns ``(results, algorithm, data)``; ``results`` is what :func:`cl_vla.reporting.read_results`
+    reads back from the run's directory (``out_dir``, or the resumed run's with ``resume=...``).
+    """
+    from cl_vla.checkpointing import resolve_resume
+    from cl_vla.loop import run_continual
+    from cl_vla.reporting import read_results
+
+    cfg, algorithm, data, policy_cfg = compose_run(overrides, out_dir)
+    if algorithm_hook is not None:
+        algorithm_hook(algorithm)
+    run_continual(cfg, data, policy_cfg, algorithm, console=Console(quiet=True))
+    run_dir = resolve_resume(cfg.resume)[0] if cfg.resume else out_dir
+    return read_results(run_dir), algorithm, data
+
+
+def sequence_overrides(name: str, tasks: list[str]) -> list[str]:
+    return [
+        "task_sequence=custom",
+        f"task_sequence.name={name}",
+        "task_sequence.tasks=[" + ",".join(f"'{t}'" for t in tasks) + "]",
+    ]
