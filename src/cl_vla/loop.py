@@ -71,7 +71,7 @@ class ContinualRun:
         self.ckpt_dir = self.run_dir / "checkpoints"
         L.seed_everything(int(cfg.seed), workers=True, verbose=False)
 
-        from lerobot.policies.factory import make_policy
+        from cl_vla.policies.factory import make_policy  # lerobot's, in a tiny twin's build context
 
         self.policy_cfg = policy_cfg
         self.policy = make_policy(policy_cfg, ds_meta=data.dataset.meta)
@@ -135,10 +135,10 @@ class ContinualRun:
     # ---- normalization ------------------------------------------------------------------------------
 
     def _use_stats(self, stats: dict) -> None:
-        from lerobot.policies.factory import make_pre_post_processors
+        from cl_vla.policies.factory import make_processors
 
         self.stats = stats
-        pre, post = make_pre_post_processors(self.policy_cfg, dataset_stats=stats)
+        pre, post = make_processors(self.policy_cfg, stats)
         self.module.preprocessor, self.module.postprocessor = pre, post
 
     def _stats_for_task(self, task: int) -> None:

@@ -11,7 +11,7 @@ from cl_vla.errors import ConfigError, DataError, one_of
 from cl_vla.paths import conf_dir
 
 # Fields of the `model` group that are ours, not the lerobot config's.
-_OWN_KEYS = {"type", "pretrained_path", "lora"}
+_OWN_KEYS = {"type", "pretrained_path", "lora", "twin"}
 
 
 def model_choices() -> list[str]:
@@ -20,6 +20,13 @@ def model_choices() -> list[str]:
 
 def _check_pretrained(model_type: str, path: str) -> None:
     local = Path(path).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise ConfigError(
+                f"model.pretrained_path={path!r} is a folder without config.json; give a folder written by "
+                "lerobot's save_pretrained (config.json + model.safetensors, processor files beside them)."
+            )
+        return
     if local.exists():
         return
     offline = os.environ.get("HF_HUB_OFFLINE") == "1"
@@ -53,9 +60,28 @@ def build_policy_config(model_cfg: Mapping[str, Any], ds_meta: Any, device: str 
     if pretrained:
         _check_pretrained(model_type, str(pretrained))
     kwargs = {k: v for k, v in model_cfg.items() if k not in _OWN_KEYS}
+    if isinstance(kwargs.get("normalization_mapping"), Mapping):
+        from lerobot.configs.types import NormalizationMode
+
+        # YAML gives names ("MEAN_STD"); lerobot's normalizer compares enum members.
+        kwargs["normalization_mapping"] = {
+            k: NormalizationMode[str(v)] for k, v in kwargs["normalization_mapping"].items()
+        }
+    twin = None
+    if model_cfg.get("twin") is not None:
+        from cl_vla.policies.twins import prepare_twin
+
+        twin = prepare_twin(model_type, model_cfg["twin"], kwargs)
+    local = Path(str(pretrained)).expanduser() if pretrained else None
+    saved_cfg = None
+    if local is not None and local.is_dir():
+        from cl_vla.policies.pretrained import config_from_folder
+
+        saved_cfg, saved_twin = config_from_folder(model_type, local, kwargs, device)
+        twin = saved_twin or twin
     cls = PreTrainedConfig.get_choice_class(model_type)
     try:
-        cfg = cls(device=device, **kwargs)
+        cfg = saved_cfg if saved_cfg is not None else cls(device=device, **kwargs)
     except TypeError as e:
         fields = sorted(getattr(cls, "__dataclass_fields__", {}))
         bad = [k for k in kwargs if k not in fields]
@@ -66,7 +92,10 @@ def build_policy_config(model_cfg: Mapping[str, Any], ds_meta: Any, device: str 
     except ValueError as e:
         raise ConfigError(f"model={model_type}: {e}".splitlines()[0]) from e
     if pretrained:
-        cfg.pretrained_path = str(pretrained)
+        cfg.pretrained_path = str(local) if local is not None and local.is_dir() else str(pretrained)
+    from cl_vla.policies.twins import attach
+
+    attach(cfg, twin)
 
     try:
         features = dataset_to_policy_features(ds_meta.features)
@@ -74,6 +103,9 @@ def build_policy_config(model_cfg: Mapping[str, Any], ds_meta: Any, device: str 
         raise DataError(
             f"Dataset {ds_meta.repo_id!r} has a feature lerobot cannot use: {e}".splitlines()[0]
         ) from e
+    from cl_vla.policies.vla_checks import check_vla_features
+
+    check_vla_features(cfg, features, ds_meta.repo_id, saved=saved_cfg is not None)
     cfg.output_features = {k: f for k, f in features.items() if f.type is FeatureType.ACTION}
     cfg.input_features = {k: f for k, f in features.items() if k not in cfg.output_features}
     if not cfg.output_features:

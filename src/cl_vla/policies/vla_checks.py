@@ -1,0 +1,51 @@
+"""What the hub VLAs need from a dataset, checked before anything is built (one sentence each)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cl_vla.errors import DataError
+
+#: lerobot policy types that read cameras, a state vector and the instruction, padded to max dims.
+VLA_TYPES = ("smolvla", "pi0", "pi05", "groot")
+
+
+def check_vla_features(cfg: Any, features: dict[str, Any], repo_id: str, saved: bool) -> None:
+    """Refuse a dataset a VLA cannot train on: no camera, no state, a camera the loaded policy was
+    trained with but the dataset lacks, or a state/action wider than ``max_state_dim`` /
+    ``max_action_dim`` (lerobot pads shorter vectors; wider ones fail deep inside the model)."""
+    if cfg.type not in VLA_TYPES:
+        return
+    from lerobot.configs.types import FeatureType
+
+    cameras = sorted(k for k, f in features.items() if f.type is FeatureType.VISUAL)
+    if not cameras:
+        raise DataError(
+            f"Dataset {repo_id!r} has no camera ('observation.images.*'); "
+            f"model={cfg.type} needs at least one."
+        )
+    if saved:
+        wanted = sorted(k for k, f in (cfg.input_features or {}).items() if f.type is FeatureType.VISUAL)
+        missing = [k for k in wanted if k not in cameras and "empty_camera" not in k]
+        if missing:
+            raise DataError(
+                f"Dataset {repo_id!r} lacks camera {missing[0]!r} that the model in model.pretrained_path "
+                f"was trained with; its cameras are {cameras}."
+            )
+    state = features.get("observation.state")
+    if state is None:
+        raise DataError(
+            f"Dataset {repo_id!r} has no 'observation.state'; model={cfg.type} needs the robot state."
+        )
+    action = features.get("action")
+    for what, feat, limit in (
+        ("observation.state", state, "max_state_dim"),
+        ("action", action, "max_action_dim"),
+    ):
+        width = int(feat.shape[-1]) if feat is not None and feat.shape else 0
+        allowed = getattr(cfg, limit, None)
+        if allowed is not None and width > int(allowed):
+            raise DataError(
+                f"Dataset {repo_id!r} has a {width}-d {what!r}, wider than model={cfg.type}'s "
+                f"{limit}={allowed}; set model.{limit}>={width}."
+            )
