@@ -77,6 +77,7 @@ class ContinualLearningConfig:
     task_sequence: str | None = None  # seed alias: names a sequence and overrides the task_sequence group
     steps_per_task: int = 10000
     save_checkpoint_per_task: bool = True
+    export_per_task: bool = True  # <run>/export/task_XX: policy + processors in lerobot's format
 
 
 @dataclass

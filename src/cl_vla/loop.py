@@ -298,6 +298,11 @@ def run_continual(
         _record_rank_state(run)
         if cfg.continual_learning.save_checkpoint_per_task or t == T - 1:
             run.save(f"task_{t:02d}.ckpt")
+        if cfg.continual_learning.export_per_task and run.trainer.is_global_zero:
+            from cl_vla.export import export_task
+
+            with algorithm.eval_context(t, run.module):  # the policy as task t is evaluated
+                export_task(run.run_dir, t, run.policy, run.module.preprocessor, run.module.postprocessor)
     st.finished = True
     return _finish(run, console)
 
