@@ -59,9 +59,14 @@ def synthetic_overrides(root: str | Path, repo_id: str) -> list[str]:
     ]
 
 
-def in_process_overrides(algo: str, root: str | Path, repo_id: str, name: str, steps: int) -> list[str]:
+def in_process_overrides(
+    algo: str, root: str | Path, repo_id: str, name: str, steps: int, model: str = "tiny_vla"
+) -> list[str]:
     """Overrides for an in-process run (``cl_vla.in_process.compose_run``) of ``algo`` on LIBERO-Spatial's
-    first two instructions of the fixture dataset: batch 4, 16 px, no workers, no logger."""
+    first two instructions of the fixture dataset: batch 4, 16 px, no workers, no logger.
+
+    ``model``: ``tiny_vla`` (16 px) or a tiny twin of a hub VLA (``smolvla_tiny``...: its own
+    image size, the held-out evaluation cut to 2 batches a task)."""
     from cl_vla.data.task_sequences import get_task_sequence
     from cl_vla.in_process import sequence_overrides
 
@@ -73,7 +78,7 @@ def in_process_overrides(algo: str, root: str | Path, repo_id: str, name: str, s
         "data.synthetic=null",
         "data.num_workers=0",
         "data.batch_size=4",
-        "model.image_size=16",
+        *(["model.image_size=16"] if model == "tiny_vla" else [f"model={model}", "eval.max_batches=2"]),
         f"continual_learning.steps_per_task={steps}",
         "trainer.progress_bar=false",
         "logger=none",

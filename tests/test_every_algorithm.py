@@ -1,11 +1,13 @@
 """Every shipped algorithm, through the loop alone: every hook is reached, and it resumes exactly.
 
-For each ``conf/algorithm`` choice, one uninterrupted two-task run counts the hook calls (hook
-reachability); then a run that crashes mid-task (after a mid-task checkpoint) and is resumed, and a
-run resumed from the first task-boundary checkpoint, must both end with the same R matrix, weights
-and algorithm state as the uninterrupted one: the checkpoint contract (algorithm state saved whole,
-nothing re-sampled or recomputed on resume). One test per algorithm, sharing the uninterrupted run,
-because the runs, not the checks, are what costs.
+For each ``conf/algorithm`` choice, with ``tiny_vla`` and with the tiny twin of SmolVLA (and a subset
+with the pi0 / pi0.5 / GR00T twins: lerobot's real VLA classes and processors, random weights), one
+uninterrupted two-task run counts the hook calls (hook reachability); then a run that crashes
+mid-task (after a mid-task checkpoint) and is resumed, and a run resumed from the first task-boundary
+checkpoint, must both end with the same R matrix, weights and algorithm state as the uninterrupted
+one: the checkpoint contract (algorithm state saved whole, nothing re-sampled or recomputed on
+resume). One test per (model, algorithm), sharing the uninterrupted run, because the runs, not the
+checks, are what costs.
 """
 
 from __future__ import annotations
@@ -26,6 +28,15 @@ from conftest import CONF_DIR, in_process_overrides
 pytestmark = pytest.mark.slow
 
 ALGORITHMS = sorted(p.stem for p in (CONF_DIR / "algorithm").glob("*.yaml"))
+#: The hub-VLA twins beyond SmolVLA run the algorithms whose state or mechanics differ most.
+TWIN_SUBSET = ("er", "ewc", "gem", "packnet", "lora_per_task")
+TWINS = tuple(
+    m for m in ("pi0_tiny", "pi05_tiny", "groot_tiny") if (CONF_DIR / "model" / f"{m}.yaml").is_file()
+)
+CASES = [
+    *((m, a) for m in ("tiny_vla", "smolvla_tiny") for a in ALGORITHMS),
+    *((m, a) for m in TWINS for a in TWIN_SUBSET),
+]
 HOOKS = (
     "setup",
     "on_task_start",
@@ -73,10 +84,10 @@ def _crash_in_second_task(algorithm) -> None:
     algorithm.observe = observe
 
 
-def _overrides(algo: str, synthetic_libero) -> list[str]:
+def _overrides(algo: str, synthetic_libero, model: str = "tiny_vla") -> list[str]:
     root, repo_id, _ = synthetic_libero
     return [
-        *in_process_overrides(algo, root, repo_id, "resume2", STEPS),
+        *in_process_overrides(algo, root, repo_id, "resume2", STEPS, model=model),
         "trainer.checkpoint_every_n_steps=2",
         "trainer.warmup_steps=2",
     ]
@@ -107,11 +118,11 @@ def _assert_same_run(got: Path, ref: Path, what: str) -> None:
     assert a_got == a_ref, f"{what}: the algorithm's state differs from the uninterrupted run's"
 
 
-@pytest.mark.parametrize("algo", ALGORITHMS)
-def test_every_hook_is_reached_and_resume_is_exact(algo, synthetic_libero, tmp_path: Path):
+@pytest.mark.parametrize(("model", "algo"), CASES, ids=[f"{m}-{a}" for m, a in CASES])
+def test_every_hook_is_reached_and_resume_is_exact(model, algo, synthetic_libero, tmp_path: Path):
     from cl_vla.in_process import run_in_process
 
-    overrides = _overrides(algo, synthetic_libero)
+    overrides = _overrides(algo, synthetic_libero, model)
     ref, cut = tmp_path / "ref", tmp_path / "cut"
     calls: Counter = Counter()
     results, algorithm, _ = run_in_process(overrides, ref, algorithm_hook=_counting(calls))

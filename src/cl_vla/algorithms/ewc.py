@@ -302,9 +302,17 @@ class EWC(CLAlgorithm):
     ) -> int:
         size = _batch_len(batch)
         if self._vmap_ok:
+            # A failed attempt may have drawn random numbers (a flow-matching VLA's loss samples noise):
+            # the loop starts from the same state, so a resumed run (which tries vmap again) draws what
+            # the uninterrupted run (which had stopped trying) drew.
+            rng = torch.random.get_rng_state()
+            cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
             try:
                 chunk = _vmap_square_grads(policy, compute_loss, params, batch, size)
             except Exception as e:  # any tracing failure means: use the loop
+                torch.random.set_rng_state(rng)
+                if cuda_rng is not None:
+                    torch.cuda.set_rng_state_all(cuda_rng)
                 self._vmap_ok = False
                 warnings.warn(
                     f"EWC: per-sample gradients with torch.func.vmap failed on this policy "

@@ -40,14 +40,18 @@ def make_policy(policy_cfg: Any, ds_meta: Any) -> Any:
     """lerobot's ``make_policy``, in the twin's build context."""
     from lerobot.policies.factory import make_policy as lerobot_make_policy
 
+    from cl_vla.policies.flow_outputs import add_compute_outputs
+
     try:
         with building(twin_of(policy_cfg)):
-            return lerobot_make_policy(policy_cfg, ds_meta=ds_meta)
+            policy = lerobot_make_policy(policy_cfg, ds_meta=ds_meta)
     except (OSError, ValueError) as e:
         err = _tokenizer_error(e, policy_cfg)
         if err is None:
             raise
         raise err from e
+    add_compute_outputs(policy)  # LwF / DER++ distill it
+    return policy
 
 
 def make_processors(policy_cfg: Any, dataset_stats: dict | None) -> tuple[Any, Any]:
