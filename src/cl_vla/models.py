@@ -94,8 +94,10 @@ def build_policy_config(model_cfg: Mapping[str, Any], ds_meta: Any, device: str 
     if pretrained:
         cfg.pretrained_path = str(local) if local is not None and local.is_dir() else str(pretrained)
     from cl_vla.policies.twins import attach
+    from cl_vla.policies.vla_checks import check_tokenizer_offline
 
     attach(cfg, twin)
+    check_tokenizer_offline(cfg, is_twin=twin is not None)
 
     try:
         features = dataset_to_policy_features(ds_meta.features)

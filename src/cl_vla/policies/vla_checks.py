@@ -49,3 +49,35 @@ def check_vla_features(cfg: Any, features: dict[str, Any], repo_id: str, saved: 
                 f"Dataset {repo_id!r} has a {width}-d {what!r}, wider than model={cfg.type}'s "
                 f"{limit}={allowed}; set model.{limit}>={width}."
             )
+
+
+#: The hub tokenizer each real VLA's processor loads when it is built (lerobot 0.6.1).
+_HUB_TOKENIZERS = {
+    "pi0": "google/paligemma-3b-pt-224",  # processor_pi0.py:141
+    "pi05": "google/paligemma-3b-pt-224",  # processor_pi05.py:141
+    "groot": "nvidia/Cosmos-Reason2-2B",  # processor_groot.py:1259
+}
+
+
+def check_tokenizer_offline(cfg: Any, is_twin: bool) -> None:
+    """Offline (``HF_HUB_OFFLINE=1``), refuse before building anything when the VLA's tokenizer is
+    neither a local folder nor in the hub cache; otherwise the failure comes after a multi-GB build."""
+    import os
+
+    if cfg.type not in VLA_TYPES or is_twin or os.environ.get("HF_HUB_OFFLINE") != "1":
+        return
+    from pathlib import Path
+
+    name = getattr(cfg, "vlm_model_name", None) or _HUB_TOKENIZERS.get(cfg.type)
+    if not name or Path(name).expanduser().is_dir():
+        return
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(name, "tokenizer_config.json"), str):
+        return
+    from cl_vla.policies.factory import TokenizerNotFoundError
+
+    raise TokenizerNotFoundError(
+        f"model={cfg.type} needs the tokenizer {name!r}, which is neither a local folder nor in the hub "
+        f"cache (HF_HUB_OFFLINE=1); download it on a machine with hub access, or use model={cfg.type}_tiny."
+    )

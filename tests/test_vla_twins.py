@@ -1,0 +1,202 @@
+"""The tiny twins of the hub VLAs (SmolVLA, pi0, pi0.5): lerobot's own classes and processors built
+offline, saved and loaded back through ``model.pretrained_path``, exported after every task in
+lerobot's format, and refusing bad input in one sentence.
+
+Every algorithm with the twins (hook reachability, exact resume) is in ``test_every_algorithm.py``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from cl_vla.errors import ConfigError, DataError
+from conftest import in_process_overrides, last_line, run_train
+
+TWINS = ("smolvla_tiny", "pi0_tiny", "pi05_tiny")
+
+
+def _compose(synthetic_libero, tmp_path: Path, model: str, *extra: str):
+    from cl_vla.in_process import compose_run
+
+    root, repo_id, _ = synthetic_libero
+    overrides = in_process_overrides("sequential", root, repo_id, "twin2", 2, model=model)
+    return compose_run([*overrides, *extra], tmp_path / "out")
+
+
+def _first_batch(data, policy_cfg, stats):
+    """One preprocessed training batch of 2 frames, as the loop feeds the policy."""
+    from torch.utils.data import DataLoader
+
+    from cl_vla.policies.factory import make_processors
+
+    pre, _ = make_processors(policy_cfg, stats)
+    raw = next(iter(DataLoader(data.train_dataset(0), batch_size=2, shuffle=False)))
+    return pre, raw
+
+
+@pytest.mark.parametrize("model", TWINS)
+def test_twin_builds_lerobot_classes_offline_and_trains_a_step(model, synthetic_libero, tmp_path):
+    from cl_vla.data.stats import select_stats
+    from cl_vla.policies.factory import make_policy
+
+    _, _, data, policy_cfg = _compose(synthetic_libero, tmp_path, model)
+    policy = make_policy(policy_cfg, data.dataset.meta)
+    # lerobot's own policy class, not a stand-in.
+    expected = {"smolvla": "SmolVLAPolicy", "pi0": "PI0Policy", "pi05": "PI05Policy"}[policy_cfg.type]
+    assert type(policy).__name__ == expected and type(policy).__module__.startswith("lerobot.policies.")
+    total = sum(p.numel() for p in policy.parameters())
+    assert total < 1_500_000, f"{model} twin has {total} parameters; it must stay tiny"
+    stats = select_stats("dataset", data.dataset.meta, [s.train_episodes for s in data.streams], 0)
+    pre, raw = _first_batch(data, policy_cfg, stats)
+    loss, _ = policy.forward(pre(dict(raw)))
+    loss.backward()
+    head = [p for n, p in policy.named_parameters() if "action_out_proj" in n]
+    assert torch.isfinite(loss) and head and all(p.grad is not None and p.grad.abs().sum() > 0 for p in head)
+
+
+def test_twin_building_restores_lerobot(synthetic_libero, tmp_path):
+    """The pi0 twin's size patches exist only while it is built: lerobot is left as it was."""
+    import lerobot.policies.pi0.modeling_pi0 as modeling
+    import lerobot.policies.pi0.processor_pi0 as processor
+
+    before = (modeling.get_gemma_config, modeling.PiGemmaForCausalLM, processor.TokenizerProcessorStep)
+    from cl_vla.policies.factory import make_policy
+
+    _, _, data, policy_cfg = _compose(synthetic_libero, tmp_path, "pi0_tiny")
+    make_policy(policy_cfg, data.dataset.meta)
+    assert (
+        modeling.get_gemma_config,
+        modeling.PiGemmaForCausalLM,
+        processor.TokenizerProcessorStep,
+    ) == before
+    assert modeling.get_gemma_config("gemma_300m").width == 1024
+
+
+@pytest.mark.parametrize("model", ["smolvla_tiny", "pi0_tiny"])
+def test_per_task_export_loads_with_from_pretrained_and_acts_the_same(model, synthetic_libero, tmp_path):
+    """After a 2-task run, ``export/task_01`` loads with lerobot's ``from_pretrained`` (policy and
+    processors) and predicts the same actions as the run's final checkpoint."""
+    from cl_vla.data.stats import unflatten_stats
+    from cl_vla.in_process import run_in_process
+    from cl_vla.policies.factory import load_policy, make_policy, make_processors
+
+    root, repo_id, _ = synthetic_libero
+    out = tmp_path / "run"
+    run_in_process(in_process_overrides("er", root, repo_id, "export2", 2, model=model), out)
+    export = out / "export" / "task_01"
+    assert (export / "config.json").is_file() and (export / "model.safetensors").is_file()
+    assert (export / "policy_preprocessor.json").is_file() and (
+        export / "policy_postprocessor.json"
+    ).is_file()
+
+    if model == "smolvla_tiny":  # lerobot alone, no cl_vla code involved in the load
+        from lerobot.configs.policies import PreTrainedConfig
+        from lerobot.policies.factory import make_pre_post_processors
+        from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
+
+        loaded = SmolVLAPolicy.from_pretrained(str(export)).eval()
+        pre_l, post_l = make_pre_post_processors(
+            PreTrainedConfig.from_pretrained(str(export)), pretrained_path=str(export)
+        )
+    else:  # pi0's twin needs its sizes while lerobot rebuilds it (cl_vla_twin.json beside the export)
+        loaded, pre_l, post_l = load_policy(export)
+
+    _, _, data, policy_cfg = _compose(synthetic_libero, tmp_path, model)
+    ckpt = torch.load(out / "checkpoints" / "task_01.ckpt", map_location="cpu", weights_only=True)
+    ref = make_policy(policy_cfg, data.dataset.meta).eval()
+    ref.load_state_dict({k.removeprefix("policy."): v for k, v in ckpt["state_dict"].items()})
+    pre_r, post_r = make_processors(policy_cfg, unflatten_stats(ckpt["cl_vla"]["normalization"]))
+
+    item = data.train_dataset(0)[0]
+    obs = {k: v for k, v in item.items() if k.startswith("observation.") or k == "task"}
+    actions = []
+    for policy, pre, post in ((loaded, pre_l, post_l), (ref, pre_r, post_r)):
+        torch.manual_seed(0)
+        with torch.no_grad():
+            actions.append(post(policy.predict_action_chunk(pre(dict(obs)))))
+    assert actions[0].shape[-1] == 7
+    torch.testing.assert_close(actions[0], actions[1], rtol=0, atol=1e-5)
+
+
+def test_pretrained_path_loads_a_saved_twin_without_hub(synthetic_libero, tmp_path):
+    """``model.pretrained_path=<folder written by save_pretrained>``: the config comes from the folder
+    and the weights are the saved ones, with no hub call (HF_HUB_OFFLINE=1 in the tests)."""
+    from cl_vla.policies.factory import make_policy, save_policy
+
+    _, _, data, policy_cfg = _compose(synthetic_libero, tmp_path, "smolvla_tiny")
+    saved = make_policy(policy_cfg, data.dataset.meta)
+    with torch.no_grad():
+        for p in saved.parameters():
+            p.add_(0.01)  # weights that a fresh random build would not give
+    folder = save_policy(tmp_path / "saved", saved, None, None)
+
+    # model=smolvla (the real model's group) with the twin's folder: everything comes from the folder.
+    _, _, data2, cfg2 = _compose(synthetic_libero, tmp_path, "smolvla", f"model.pretrained_path={folder}")
+    assert cfg2.pretrained_path == str(folder) and cfg2.vlm_model_name == saved.config.vlm_model_name
+    loaded = make_policy(cfg2, data2.dataset.meta)
+    for (name, a), (_, b) in zip(saved.state_dict().items(), loaded.state_dict().items(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
+# ---- bad input, one sentence each -------------------------------------------------------------------
+
+
+def test_pretrained_folder_without_config_is_one_sentence(synthetic_libero, tmp_path):
+    empty = tmp_path / "weights_only"
+    empty.mkdir()
+    (empty / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"is a folder without config\.json") as info:
+        _compose(synthetic_libero, tmp_path, "smolvla_tiny", f"model.pretrained_path={empty}")
+    assert "\n" not in str(info.value)
+
+
+def test_state_or_action_wider_than_max_dims_is_one_sentence(synthetic_libero, tmp_path):
+    with pytest.raises(DataError, match=r"8-d 'observation\.state', wider than .*max_state_dim=4"):
+        _compose(synthetic_libero, tmp_path, "pi0_tiny", "model.max_state_dim=4")
+    with pytest.raises(DataError, match=r"7-d 'action', wider than .*max_action_dim=6"):
+        _compose(synthetic_libero, tmp_path, "smolvla_tiny", "model.max_action_dim=6")
+
+
+def test_dataset_lacking_a_camera_the_model_expects_is_one_sentence(synthetic_libero, tmp_path):
+    from lerobot.configs.types import FeatureType, PolicyFeature
+
+    from cl_vla.policies.factory import make_policy, save_policy
+    from cl_vla.policies.vla_checks import check_vla_features
+
+    _, _, data, policy_cfg = _compose(synthetic_libero, tmp_path, "smolvla_tiny")
+    policy_cfg.input_features["observation.images.agentview"] = PolicyFeature(FeatureType.VISUAL, (3, 32, 32))
+    folder = save_policy(tmp_path / "three_cams", make_policy(policy_cfg, data.dataset.meta), None, None)
+    with pytest.raises(DataError, match=r"lacks camera 'observation\.images\.agentview'"):
+        _compose(synthetic_libero, tmp_path, "smolvla_tiny", f"model.pretrained_path={folder}")
+
+    no_camera = {k: f for k, f in policy_cfg.input_features.items() if f.type is not FeatureType.VISUAL}
+    with pytest.raises(DataError, match=r"has no camera .* needs at least one"):
+        check_vla_features(policy_cfg, no_camera, "no_cams", saved=False)
+    no_state = {k: f for k, f in policy_cfg.input_features.items() if k != "observation.state"}
+    with pytest.raises(DataError, match=r"has no 'observation\.state'"):
+        check_vla_features(policy_cfg, no_state, "no_state", saved=False)
+
+
+def test_tokenizer_not_found_offline_stops_train_py_with_one_sentence(synthetic_libero):
+    """The real pi0 (no twin) offline: its hub tokenizer is absent, so train.py refuses before
+    building a 3 B-parameter model, with exit code 2 and one line."""
+    root, repo_id, _ = synthetic_libero
+    overrides = in_process_overrides("er", root, repo_id, "tok2", 2, model="pi0")
+    proc = run_train([o for o in overrides if o != "eval.max_batches=2"] + ["model.pretrained_path=null"])
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    line = last_line(proc.stderr)
+    assert "needs the tokenizer 'google/paligemma-3b-pt-224'" in line and "model=pi0_tiny" in line
+
+
+def test_twin_spec_is_saved_with_the_export(synthetic_libero, tmp_path):
+    from cl_vla.policies.factory import make_policy, save_policy
+    from cl_vla.policies.twins import TWIN_FILE
+
+    _, _, data, policy_cfg = _compose(synthetic_libero, tmp_path, "pi05_tiny")
+    folder = save_policy(tmp_path / "pi05", make_policy(policy_cfg, data.dataset.meta), None, None)
+    spec = json.loads((folder / TWIN_FILE).read_text())
+    assert spec["type"] == "pi05" and spec["spec"]["width"] == 32
