@@ -200,3 +200,49 @@ def test_twin_spec_is_saved_with_the_export(synthetic_libero, tmp_path):
     folder = save_policy(tmp_path / "pi05", make_policy(policy_cfg, data.dataset.meta), None, None)
     spec = json.loads((folder / TWIN_FILE).read_text())
     assert spec["type"] == "pi05" and spec["spec"]["width"] == 32
+
+
+def _state_param_names(state) -> set[str]:
+    """Parameter names that key tensors anywhere in an algorithm's saved state."""
+    names: set[str] = set()
+    stack = [state]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, dict):
+            for k, v in x.items():
+                if isinstance(v, torch.Tensor) and "." in str(k):
+                    names.add(str(k))
+                else:
+                    stack.append(v)
+    return names
+
+
+@pytest.mark.parametrize(
+    ("algo", "extra", "frozen", "trained"),
+    [
+        # SmolVLA's defaults: the whole VLM frozen (train_expert_only), only the action expert trains.
+        ("ewc", (), ("model.vlm_with_expert.vlm.",), "model.vlm_with_expert.lm_expert."),
+        ("si", (), ("model.vlm_with_expert.vlm.",), "model.vlm_with_expert.lm_expert."),
+        ("packnet", (), ("model.vlm_with_expert.vlm.",), "model.vlm_with_expert.lm_expert."),
+        # The VLM's text layers train too, the vision encoder stays frozen (freeze_vision_encoder).
+        ("ewc", ("model.train_expert_only=false",), (".vision_model.",), "model.vlm_with_expert.vlm."),
+    ],
+)
+def test_cl_state_covers_only_parameters_that_train_with_the_policy_recipe(
+    algo, extra, frozen, trained, synthetic_libero, tmp_path
+):
+    from cl_vla.in_process import run_in_process
+
+    root, repo_id, _ = synthetic_libero
+    out = tmp_path / "run"
+    run_in_process(
+        [*in_process_overrides(algo, root, repo_id, "state2", 2, model="smolvla_tiny"), *extra], out
+    )
+    ckpt = torch.load(out / "checkpoints" / "task_01.ckpt", map_location="cpu", weights_only=True)
+    names = _state_param_names(ckpt["cl_vla"]["algorithm"])
+    assert names, f"{algo} saved no per-parameter state"
+    assert not [n for n in names if any(f in n for f in frozen)], f"{algo} keeps state for frozen parameters"
+    assert any(trained in n for n in names)
+    # SmolVLA's own optimizer preset (lerobot's get_optimizer_preset), not the trainer group's AdamW.
+    group = ckpt["optimizer_states"][0]["param_groups"][0]
+    assert tuple(group["betas"]) == (0.9, 0.95) and group["weight_decay"] == pytest.approx(1e-10)

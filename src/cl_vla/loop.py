@@ -81,15 +81,16 @@ class ContinualRun:
         self.norm = NormalizationChoice.parse(cfg.data.normalization)
         self.stats: dict | None = None
         t = cfg.trainer
+        from cl_vla.policies.recipe import training_recipe
+
+        # The policy's own lerobot presets (model.recipe=policy, the hub VLAs) or the trainer group's.
+        self.recipe = training_recipe(cfg.model.get("recipe"), policy_cfg, t, self.S)
         self.module = CLPolicyModule(
             self.policy,
             lambda b: b,
             None,
             algorithm,
-            lr=t.lr,
-            weight_decay=t.weight_decay,
-            warmup_steps=t.warmup_steps,
-            min_lr_ratio=t.min_lr_ratio,
+            **self.recipe.module_kwargs(),
             steps_per_task=self.S,
             reset_optimizer_per_task=t.reset_optimizer_per_task,
         )
@@ -125,7 +126,7 @@ class ContinualRun:
             limit_val_batches=0,
             use_distributed_sampler=False,
             log_every_n_steps=t.log_every_n_steps,
-            gradient_clip_val=t.grad_clip_norm,
+            gradient_clip_val=self.recipe.grad_clip_norm,
             deterministic=t.deterministic or None,
             default_root_dir=str(self.run_dir),
             plugins=[AtomicCheckpointIO()],

@@ -11,7 +11,7 @@ from cl_vla.errors import ConfigError, DataError, one_of
 from cl_vla.paths import conf_dir
 
 # Fields of the `model` group that are ours, not the lerobot config's.
-_OWN_KEYS = {"type", "pretrained_path", "lora", "twin"}
+_OWN_KEYS = {"type", "pretrained_path", "lora", "twin", "recipe"}
 
 
 def model_choices() -> list[str]:

@@ -39,6 +39,8 @@ class CLPolicyModule(L.LightningModule):
         min_lr_ratio: float,
         steps_per_task: int,
         reset_optimizer_per_task: bool = True,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
     ) -> None:
         super().__init__()
         self.policy = policy
@@ -46,6 +48,7 @@ class CLPolicyModule(L.LightningModule):
         self.postprocessor = postprocessor
         self.algorithm = algorithm
         self.lr, self.weight_decay = lr, weight_decay
+        self.betas, self.eps = tuple(betas), eps
         self.warmup_steps, self.min_lr_ratio = warmup_steps, min_lr_ratio
         self.steps_per_task = steps_per_task
         self.reset_optimizer_per_task = reset_optimizer_per_task
@@ -113,7 +116,9 @@ class CLPolicyModule(L.LightningModule):
         # to carry its moments across tasks.
         groups = self._trainable_groups()
         if self._optimizer is None or self.reset_optimizer_per_task:
-            self._optimizer = torch.optim.AdamW(groups, lr=self.lr, weight_decay=self.weight_decay)
+            self._optimizer = torch.optim.AdamW(
+                groups, lr=self.lr, weight_decay=self.weight_decay, betas=self.betas, eps=self.eps
+            )
         elif _param_ids(groups) != _param_ids(self._optimizer.param_groups):
             raise CLVLAError(
                 f"trainer.reset_optimizer_per_task=false cannot carry the optimizer into task {self.task}: "
