@@ -246,3 +246,43 @@ def test_cl_state_covers_only_parameters_that_train_with_the_policy_recipe(
     # SmolVLA's own optimizer preset (lerobot's get_optimizer_preset), not the trainer group's AdamW.
     group = ckpt["optimizer_states"][0]["param_groups"][0]
     assert tuple(group["betas"]) == (0.9, 0.95) and group["weight_decay"] == pytest.approx(1e-10)
+
+
+# ---- memory plan ------------------------------------------------------------------------------------------
+
+
+def test_memory_plan_counts_the_real_models_on_the_meta_device():
+    """Full-size parameter counts without weights or hub (SmolVLA's backbone config reproduced in code)."""
+    from cl_vla.memory_plan import GB, Plan, count_hub_model
+
+    smolvla = count_hub_model("smolvla")
+    assert 0.43e9 < smolvla.total < 0.47e9 and smolvla.trainable < 0.25 * smolvla.total  # expert only
+    pi0 = count_hub_model("pi0")
+    assert 3.2e9 < pi0.total < 4.1e9 and pi0.trainable == pi0.total  # lerobot's pi0 trains everything
+    ewc = Plan(pi0, "ewc", 10)
+    assert ewc.state_bytes == 2 * 4 * pi0.trainable * 10  # Fisher + anchor, fp32, per task
+    assert Plan(pi0, "ewc_online", 10).state_bytes == ewc.state_bytes / 10
+    assert ewc.fit_option(80 * GB) == "train_expert_only"  # 300 GB of Fisher/anchors as configured
+
+
+def test_memory_plan_refuses_before_the_first_step(synthetic_libero, tmp_path, monkeypatch):
+    import cl_vla.memory_plan as mp
+    from cl_vla.in_process import run_in_process
+
+    monkeypatch.setattr(mp, "device_capacity", lambda accelerator: ("cuda", 1024.0**2))  # a 1 MB GPU
+    root, repo_id, _ = synthetic_libero
+    out = tmp_path / "run"
+    with pytest.raises(
+        mp.PlanDoesNotFitError, match=r"algorithm=ewc on smolvla over 2 tasks needs at least"
+    ) as e:
+        run_in_process(in_process_overrides("ewc", root, repo_id, "plan2", 2, model="smolvla_tiny"), out)
+    assert "\n" not in str(e.value) and "1.0 MB of the cuda device" in str(e.value)
+    assert not (out / "checkpoints").exists()  # refused before training started
+
+
+def test_memory_plan_command_prints_without_training(capsys):
+    from cl_vla.memory_plan import main
+
+    main(["model=pi0", "algorithm=gem", "task_sequence=libero_spatial"])
+    text = capsys.readouterr().out
+    assert "memory plan: pi0" in text and "10 tasks" in text and "option algorithm=agem" in text

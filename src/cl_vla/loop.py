@@ -238,6 +238,10 @@ def run_continual(
     console = console or Console()
     run = ContinualRun(cfg, data, policy_cfg, algorithm)
     st, T, S = run.state, run.T, run.S
+    from cl_vla.memory_plan import check_run
+
+    # What the CL state will cost over the sequence; refused here, not by an out-of-memory error hours in.
+    check_run(cfg, run.policy, T, console.print if run.trainer.is_global_zero else lambda _: None)
     if run.resume_ckpt is not None:
         console.print(f"resuming {run.run_dir} at task {st.task + 1}/{T}, step {st.step_in_task}")
         # Our part of the checkpoint is restored here, once; Lightning restores weights, optimizer and
