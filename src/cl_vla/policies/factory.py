@@ -51,6 +51,11 @@ def make_policy(policy_cfg: Any, ds_meta: Any) -> Any:
             raise
         raise err from e
     add_compute_outputs(policy)  # LwF / DER++ distill it
+    # Training mode, as lerobot builds most policies: GR00T comes out of transformers' from_pretrained in
+    # eval mode, and Lightning keeps submodule modes at fit start, so a run resumed mid-task (no
+    # evaluation before its first step) trained with GR00T's state dropout off while the uninterrupted
+    # run had it on. The policies' own train() keeps their frozen parts in eval mode.
+    policy.train()
     return policy
 
 
