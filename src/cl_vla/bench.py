@@ -1,10 +1,11 @@
 """Speed and memory benchmark: ``make bench`` (``python -m cl_vla.bench --steps 100``).
 
-Trains the same tiny_vla on the same synthetic LIBERO-schema data (two 64x64 cameras) through a
-two-task sequence with each algorithm (every ``conf/algorithm`` choice by default) and prints, for the
-second task (where every algorithm is active): steady-state training steps/s, its ratio to
-``sequential``, the algorithm's extra memory (its checkpointed state), and for replay methods the
-bytes per stored sample next to the bytes of one decoded sample (what a buffer of frames would hold).
+Trains the same model (``--model``, tiny_vla by default) on the same synthetic LIBERO-schema data
+(two 64x64 cameras) through a two-task sequence with each algorithm (every ``conf/algorithm`` choice by
+default) and prints, for the second task (where every algorithm is active): steady-state training
+steps/s, its ratio to ``sequential``, the algorithm's extra memory (its checkpointed state), and for
+replay methods the bytes per stored sample next to the bytes of one decoded sample (what a buffer of
+frames would hold).
 
 Steady state: steps are timed between consecutive ``after_backward`` calls (a whole optimizer step,
 the algorithm's gradient edits included), skipping the first ones of the task, so the start-up of a
@@ -87,6 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--algorithms", default="all", help="comma-separated conf/algorithm choices, or 'all'")
+    p.add_argument("--model", default="tiny_vla", help="a conf/model choice, e.g. smolvla_tiny")
     p.add_argument("--markdown", type=Path, help="also write the table as Markdown to this file")
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides")
     args = p.parse_args(argv)
@@ -108,9 +110,10 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="cl_vla_bench_") as tmp:
         for algo in algos:
             console.print(f"[bold]bench[/]: {algo} ({args.steps} steps/task, batch {args.batch})")
-            rows[algo] = run_one(algo, args.steps, args.batch, args.workers, Path(tmp), args.overrides)
+            extra = [f"model={args.model}", *args.overrides]
+            rows[algo] = run_one(algo, args.steps, args.batch, args.workers, Path(tmp), extra)
     threads = torch.get_num_threads()
-    title = f"task-2 steady-state training speed, tiny_vla, batch {args.batch}, {threads} threads"
+    title = f"task-2 steady-state training speed, {args.model}, batch {args.batch}, {threads} threads"
     header, cells = bench_rows(rows)
     t = Table(title=title)
     for c in header:
