@@ -289,3 +289,28 @@ def test_memory_plan_command_prints_without_training(capsys):
     main(["model=pi0", "algorithm=gem", "task_sequence=libero_spatial"])
     text = capsys.readouterr().out
     assert "memory plan: pi0" in text and "10 tasks" in text and "option algorithm=agem" in text
+
+
+def test_bf16_mixed_precision_keeps_cl_state_in_fp32(synthetic_libero, tmp_path):
+    """``trainer=gpu`` trains VLAs in bf16-mixed; the same precision on CPU: the policy's weights, the
+    optimizer and EWC's Fisher and anchors stay fp32 (only autocast matmuls run in bf16)."""
+    from hydra import compose, initialize_config_dir
+
+    from cl_vla.config import register_configs
+    from cl_vla.in_process import run_in_process
+    from conftest import CONF_DIR
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        gpu_cfg = compose("config", overrides=["trainer=gpu", "model=smolvla_tiny", "output_dir=."])
+    assert gpu_cfg.trainer.precision == "bf16-mixed"
+    root, repo_id, _ = synthetic_libero
+    out = tmp_path / "run"
+    overrides = in_process_overrides("ewc", root, repo_id, "bf16", 2, model="smolvla_tiny")
+    results, _, _ = run_in_process([*overrides, "trainer.precision=bf16-mixed"], out)
+    assert torch.isfinite(torch.as_tensor(results["matrix"])).all()
+    ckpt = torch.load(out / "checkpoints" / "task_01.ckpt", map_location="cpu", weights_only=True)
+    state = ckpt["cl_vla"]["algorithm"]
+    tensors = [t for part in ("importance", "anchor") for d in state[part].values() for t in d.values()]
+    assert tensors and all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in tensors)
+    assert all(v.dtype == torch.float32 for v in ckpt["state_dict"].values() if v.is_floating_point())
