@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -276,3 +277,118 @@ def test_the_evaluator_gave_the_policy_the_run_schemas_mapping(libero_run):
         expected = to_policy_batch(cap["obs"], get_schema(cap["schema"]))
         for key, value in cap["batch"].items():
             torch.testing.assert_close(value, expected[key])
+
+
+# ------------------------------------------------------------------- evaluator core, no simulator
+
+
+class _FakeHandler:
+    """Episodes succeed at step 2 when their init state is even; records the resets it was asked."""
+
+    resets: ClassVar[list] = []
+
+    def reset(self, task, init_states):
+        self.states = np.array(init_states)
+        _FakeHandler.resets.append((task, list(init_states)))
+        return self._obs()
+
+    def _obs(self):
+        n = len(self.states)
+        pixels = {AGENTVIEW: np.zeros((n, 8, 8, 3), np.uint8), WRIST: np.zeros((n, 8, 8, 3), np.uint8)}
+        quat = np.tile([0.0, 0.0, 0.0, 1.0], (n, 1))
+        return {
+            "pixels": pixels,
+            "eef_pos": np.zeros((n, 3)),
+            "eef_quat": quat,
+            "gripper_qpos": np.zeros((n, 2)),
+        }
+
+    def step(self, actions, running):
+        self.t = getattr(self, "t", 0) + 1
+        return self._obs(), (self.states % 2 == 0) & (self.t % 2 == 0)
+
+    def close(self):
+        pass
+
+
+def test_libero_episodes_run_in_chunks_from_their_init_states(monkeypatch):
+    from contextlib import nullcontext
+    from types import SimpleNamespace
+
+    from lerobot.configs.types import FeatureType, PolicyFeature
+
+    import cl_vla.envs.libero_eval as le
+
+    monkeypatch.setattr(le, "check_libero_available", lambda *a: None)
+    monkeypatch.setattr(le, "resolve_task_ids", lambda suite, env_tasks, n: list(range(n)))
+    feats = {
+        "observation.images.image": PolicyFeature(FeatureType.VISUAL, (3, 8, 8)),
+        "observation.state": PolicyFeature(FeatureType.STATE, (8,)),
+    }
+    policy_cfg = SimpleNamespace(
+        input_features=feats, output_features={"action": PolicyFeature(FeatureType.ACTION, (7,))}
+    )
+    eval_cfg = SimpleNamespace(
+        episodes=5,
+        init_states=[4, 7, 10, 12, 3],
+        max_episode_steps=6,
+        seed=0,
+        timeout_s=None,
+        videos=0,
+        num_workers=0,
+        parallel_envs=2,
+        libero_schema="auto",
+    )
+    ev = le.LiberoEvaluator("libero_spatial", None, ["a", "b"], policy_cfg, eval_cfg)
+    assert ev.max_steps == 6 and ev.schema.name == "lerobot"  # wrist-less lerobot keys: the first match
+    monkeypatch.setattr(ev, "_make_workers", lambda: le.SimWorkers(_FakeHandler, 0))
+    seen = []
+
+    class Policy(torch.nn.Module):
+        def reset(self):
+            pass
+
+        def select_action(self, batch):
+            seen.append(sorted(batch))
+            return torch.zeros(len(batch["task"]), 7)
+
+    module = SimpleNamespace(
+        policy=Policy(),
+        device=torch.device("cpu"),
+        preprocessor=lambda b: b,
+        postprocessor=None,
+        algorithm=SimpleNamespace(eval_context=lambda task, module: nullcontext()),
+    )
+    _FakeHandler.resets = []
+    rates = ev.evaluate(module, [0, 1])
+    assert rates == [0.6, 0.6]  # init states 4, 10, 12 of 5 are even
+    assert _FakeHandler.resets == [(0, [4, 7]), (0, [10, 12]), (0, [3]), (1, [4, 7]), (1, [10, 12]), (1, [3])]
+    assert seen[0] == ["observation.images.image", "observation.state", "task"]
+    assert ev.stats.episodes == 10
+    ev.close()
+
+
+def test_environments_of_least_recently_used_tasks_are_closed_beyond_the_limit():
+    from cl_vla.envs.libero_eval import LiberoHandler, LiberoSettings
+
+    closed = []
+
+    class Env:
+        def __init__(self, key):
+            self.key = key
+
+        def close(self):
+            closed.append(self.key)
+
+    handler = object.__new__(LiberoHandler)  # no LIBERO: only the bookkeeping
+    handler.settings = LiberoSettings("libero_spatial", (0, 1, 2), 8, 8, max_envs=4)
+    handler.envs, handler.recent = {}, []
+    for task, slots in ((0, 2), (1, 2), (0, 2), (2, 2)):
+        for slot in range(slots):
+            key = (task, slot)
+            if key not in handler.envs:
+                handler._make_room(task)
+                handler.envs[key] = Env(key)
+            handler.recent = [t for t in handler.recent if t != task] + [task]
+    assert closed == [(1, 0), (1, 1)]  # task 1 was used least recently when task 2 needed room
+    assert sorted(handler.envs) == [(0, 0), (0, 1), (2, 0), (2, 1)]

@@ -141,6 +141,7 @@ class EvalConfig:
     libero_settle_steps: int = 10  # LIBERO: no-op steps after each reset (lerobot's 10; LIBERO's own 5)
     libero_soft_reset: bool = True  # LIBERO: reset episodes on the built model instead of rebuilding it
     libero_fast_render: bool = False  # LIBERO: no shadows/reflections/multisampling (checks, not results)
+    libero_max_envs: int = 8  # LIBERO: environments kept per process (~0.85 GB each), LRU tasks closed
     seed: int = 1_000_000  # sim: episode k is reset with seed + k (disjoint from the demonstrations')
     num_workers: int = 2  # sim: environment processes (0: in this process)
     timeout_s: float | None = 1800.0  # sim: wall-clock bound of one evaluation; unfinished episodes fail

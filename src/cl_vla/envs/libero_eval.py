@@ -118,6 +118,7 @@ class LiberoSettings:
     soft_reset: bool = True
     assets: str | None = None
     fast_render: bool = False
+    max_envs: int = 8  # environments kept per process (least recently used tasks' closed first)
 
 
 class LiberoHandler:
@@ -130,6 +131,7 @@ class LiberoHandler:
         self.settings = settings
         self.suite = _get_suite(settings.suite)
         self.envs: dict[tuple[int, int], Any] = {}
+        self.recent: list[int] = []  # tasks by last use, most recent last
         self.active: list[Any] = []
         self.last: list[dict[str, Any]] = []
 
@@ -138,6 +140,7 @@ class LiberoHandler:
         if key not in self.envs:
             from lerobot.envs.libero import LiberoEnv
 
+            self._make_room(task)
             s = self.settings
             self.envs[key] = LiberoEnv(
                 self.suite,
@@ -149,7 +152,21 @@ class LiberoHandler:
                 num_steps_wait=s.settle_steps,
                 hard_reset=not s.soft_reset,
             )
+        self.recent = [t for t in self.recent if t != task] + [task]
         return self.envs[key]
+
+    def _make_room(self, task: int) -> None:
+        """Close the least recently used tasks' environments until one more fits in ``max_envs``.
+
+        A LIBERO environment holds ~0.85 GB (scene meshes and textures, also in the software renderer);
+        keeping every task's lets each row after the first reuse them.
+        """
+        for old in list(self.recent):
+            if len(self.envs) < self.settings.max_envs or old == task:
+                continue
+            for key in [k for k in self.envs if k[0] == old]:
+                self.envs.pop(key).close()
+            self.recent.remove(old)
 
     @staticmethod
     def _flat(obs: dict[str, Any]) -> dict[str, Any]:
@@ -273,8 +290,10 @@ class LiberoEvaluator(ClosedLoopEvaluator):
             soft_reset=bool(_get(eval_cfg, "libero_soft_reset", True)),
             assets=assets,
             fast_render=bool(_get(eval_cfg, "libero_fast_render", False)),
+            max_envs=int(_get(eval_cfg, "libero_max_envs", 8)),
         )
-        self.max_parallel = _get(eval_cfg, "parallel_envs")
+        # Like LIBERO's own evaluation (one environment per process, episodes in turn) unless told.
+        self.max_parallel = _get(eval_cfg, "parallel_envs") or max(1, self.num_workers)
 
     def _make_workers(self) -> SimWorkers:
         return SimWorkers(partial(LiberoHandler, self.settings), self.num_workers, 600.0, name="LIBERO")
