@@ -145,7 +145,10 @@ def libero_run(tmp_path_factory):
     """``experiment=libero_smoke`` in this process, shortened; captures what the policy was given."""
     from cl_vla.envs.libero_setup import prepare_libero
 
-    prepare_libero()  # before any LIBERO import: its config file, so the import does not ask on stdin
+    home = tmp_path_factory.mktemp("home")  # LIBERO's cache link goes here, not into the user's home
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HOME", str(home))
+        prepare_libero()  # before any LIBERO import: its config file, so the import does not ask on stdin
     import libero.libero.utils.download_utils as download_utils
 
     from cl_vla.envs.libero_eval import LiberoEvaluator
@@ -180,6 +183,7 @@ def libero_run(tmp_path_factory):
         "trainer.progress_bar=false",
     ]
     with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HOME", str(home))
         mp.setattr(LiberoEvaluator, "_policy_batch", spy)
         mp.setattr(
             download_utils, "download_assets_from_huggingface", lambda *a, **k: downloads.append(a) or ""

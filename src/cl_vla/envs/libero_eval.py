@@ -11,7 +11,8 @@ object 280, goal 300, libero_10 520, libero_90 400; ``eval.max_episode_steps`` o
 Environments are lerobot's ``LiberoEnv`` (``pixels_agent_pos``), rendered at the policy's image size,
 built once per (task, slot) in each worker and kept for the whole run; later episodes use LIBERO's soft
 reset (``hard_reset=False``: init state set on the existing model, no rebuild), which makes every
-evaluation after the first of a task cost only its steps. The observation is mapped to the training
+evaluation after the first of a task cost only its steps. An environment cannot serve another task: each
+task's BDDL file builds its own MuJoCo model. The observation is mapped to the training
 data's features by the dataset schema (:mod:`cl_vla.envs.libero_schema`). Episodes run
 ``eval.parallel_envs`` at a time, spread over ``eval.num_workers`` processes; under DDP they are split
 over the ranks (:class:`cl_vla.envs.rollout.ClosedLoopEvaluator`). ``eval.libero_fast_render`` drops
