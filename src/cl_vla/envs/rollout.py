@@ -173,17 +173,21 @@ class ClosedLoopEvaluator:
                         counts[k] = torch.tensor(self._task(module, task, label, deadline, mine, rank))
         finally:
             policy.train(was_training)
+        # Totals over every rank (rank 0 writes them): successes, episodes, env steps.
+        step_count = torch.tensor([float(self.stats.env_steps - steps_before)], dtype=torch.float64)
         if world > 1:
             import torch.distributed as dist
 
-            counts = counts.to(module.device)
+            counts, step_count = counts.to(module.device), step_count.to(module.device)
             dist.all_reduce(counts)
-            counts = counts.cpu()
+            dist.all_reduce(step_count)
+            counts, step_count = counts.cpu(), step_count.cpu()
         rates = [float(s / n) for s, n in counts.tolist()]
         seconds = time.perf_counter() - tic
         self.stats.seconds += seconds
-        steps = self.stats.env_steps - steps_before
-        self.stats.episodes += len(tasks) * len(mine)
+        steps = int(step_count.item())
+        self.stats.env_steps = steps_before + steps
+        self.stats.episodes += int(counts[:, 1].sum())
         self.stats.per_eval.append(
             {"label": label, "seconds": round(seconds, 2), "env_steps": steps, "success": rates}
         )
