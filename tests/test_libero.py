@@ -23,6 +23,7 @@ import torch
 from cl_vla.envs.libero_schema import AGENTVIEW, SCHEMAS, WRIST, get_schema, to_policy_batch
 from cl_vla.envs.libero_setup import ASSETS_ENV, LiberoSetupError, find_assets
 from cl_vla.errors import ConfigError
+from conftest import last_line, run_train
 
 IMAGE_SIZE = 32  # the smallest size the AV1 encoder of the video schemas accepts
 
@@ -135,6 +136,16 @@ def test_init_states_and_schemas_are_checked_in_one_sentence():
         schema_for_policy("auto", {**ok, "observation.state": PolicyFeature(FeatureType.STATE, (6,))}, (7,))
     with pytest.raises(ConfigError, match=r"actions of shape \(4,\)"):
         schema_for_policy("auto", ok, (4,))
+
+
+@pytest.mark.slow
+def test_a_bad_libero_setting_stops_train_py_with_one_sentence_before_training(tmp_path):
+    proc = run_train(["experiment=libero_smoke", "eval.init_states=[60]", f"hydra.run.dir={tmp_path}/run"])
+    assert proc.returncode == 2
+    assert last_line(proc.stderr) == (
+        "error: eval.init_states holds 60, but LIBERO has init states 0 to 49 per task."
+    )
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 # ------------------------------------------------------------------------------- the simulator
