@@ -60,6 +60,10 @@ class MetaworldRecordConfig:
 
 @dataclass
 class DataConfig:
+    # Where the frames come from: synthetic (written from `synthetic`), metaworld (recorded from `record`),
+    # local (a dataset at `root`, never written) or hub (`repo_id`, read from `root` when given).
+    # Only `synthetic` / `metaworld` ever write a dataset, whatever an experiment preset sets.
+    source: str = "hub"
     repo_id: str = MISSING
     root: str | None = None  # a local copy; None: lerobot's cache / a hub download where reachable
     synthetic: SyntheticDataConfig | None = None  # set: write a synthetic LIBERO-schema dataset at `root`
