@@ -288,9 +288,7 @@ def test_resume_loads_the_checkpoint_once(synthetic_libero, run_copy, tmp_path, 
         return real_load(f, *args, **kwargs)
 
     monkeypatch.setattr(ckpt_mod.torch, "load", counting_load)
-    _resumed(
-        [*_overrides(synthetic_libero), f"resume={run_copy / 'checkpoints' / 'last.ckpt'}"], tmp_path
-    )
+    _resumed([*_overrides(synthetic_libero), f"resume={run_copy / 'checkpoints' / 'last.ckpt'}"], tmp_path)
     assert [Path(p).name for p in loads] == ["last.ckpt"]
 
 
@@ -306,3 +304,23 @@ def test_checkpoint_write_is_durable_and_digested(tmp_path, monkeypatch):
     assert len(synced) >= 4
     assert recorded_digests(path) == [file_sha256(path)]
     assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_new_run_into_an_existing_run_folder_is_refused(synthetic_libero, run_copy, capsys):
+    before = tree_digest(run_copy)
+    line = _refused(capsys, *_overrides(synthetic_libero), f"output_dir={run_copy}")
+    assert "already holds a cl_vla run" in line and f"resume='{run_copy}'" in line
+    assert tree_digest(run_copy) == before
+
+
+def test_truncated_checkpoint_without_digest_is_called_corrupt(finished_run, tmp_path, capsys):
+    """A checkpoint from before digests existed (no sidecar) is still checked by loading it."""
+    from cl_vla.checkpointing import CheckpointError, digest_path, read_checkpoint
+
+    ckpt = tmp_path / "task_00.ckpt"
+    good = (finished_run / "checkpoints" / "task_00.ckpt").read_bytes()
+    ckpt.write_bytes(good[: len(good) // 3])
+    assert not digest_path(ckpt).exists()
+    with pytest.raises(CheckpointError, match="is corrupt or not a cl_vla checkpoint"):
+        read_checkpoint(ckpt)
+    assert "has no .sha256 digest" in capsys.readouterr().err

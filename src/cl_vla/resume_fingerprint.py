@@ -62,6 +62,12 @@ def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
 
 def config_fingerprint(cfg: DictConfig) -> dict[str, Any]:
     """The fingerprinted settings of ``cfg`` as JSON values, keyed by their dotted names."""
+    # Top-level run-control keys are never fingerprinted, and output_dir does not resolve outside a
+    # Hydra run: leave them out before resolving the rest.
+    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+    for key in ("output_dir", "resume", "dry_run"):
+        if key in cfg:
+            del cfg[key]  # not pop(): it would resolve the value it returns
     container = OmegaConf.to_container(cfg, resolve=True)
     flat = flatten(container)  # type: ignore[arg-type]
     # JSON round trip: what the checkpoint stores is what we compare against (tuples become lists...).

@@ -129,6 +129,16 @@ def _from_checkpoint(run_dir: Path, ckpt: Path) -> ResumePoint:
     return ResumePoint(run_dir, ckpt=ckpt, payload=payload, state=state, fingerprint=state.fingerprint)
 
 
+def refuse_existing_run(run_dir: Path) -> None:
+    """A new run never writes into a folder that already holds one (it would replace its run.json,
+    config and, later, checkpoints and results)."""
+    if (run_dir / RUN_FILE).is_file() or (run_dir / "checkpoints" / STATE_FILE).is_file():
+        raise CheckpointError(
+            f"Output folder {str(run_dir)!r} already holds a cl_vla run; continue it with "
+            f"resume={str(run_dir)!r} or choose another folder (hydra.run.dir=<dir>)."
+        )
+
+
 @dataclass
 class RunHandle:
     """The run directory this process writes, claimed, with where to start in it."""
@@ -149,10 +159,16 @@ def open_run(cfg: DictConfig, claim: bool = True) -> RunHandle:
     any model is built; a dry run only checks."""
     fingerprint = config_fingerprint(cfg)
     point = resolve_resume(cfg.resume) if cfg.resume else None
-    run_dir = point.run_dir if point else Path(cfg.output_dir)
     if point is not None and point.fingerprint is not None:
         check_resume_config(point.fingerprint, cfg, cfg.resume)
-    lock = RunLock(run_dir).acquire() if claim and launch_rank() == 0 else None
+    if not claim:
+        return RunHandle(
+            run_dir=point.run_dir if point else Path("."), fingerprint=fingerprint, resume=point, lock=None
+        )
+    run_dir = point.run_dir if point else Path(cfg.output_dir)
+    if point is None and launch_rank() == 0:
+        refuse_existing_run(run_dir)
+    lock = RunLock(run_dir).acquire() if launch_rank() == 0 else None
     try:
         if lock is not None:
             for folder in (run_dir, run_dir / "checkpoints"):
