@@ -101,6 +101,27 @@ def test_libero_imports_without_a_terminal_and_loads_the_installed_assets(tmp_pa
     assert (tmp_path / ".cache" / "libero" / "assets").resolve() == Path(assets).resolve()
 
 
+def test_our_libero_config_follows_the_installed_libero_and_a_users_is_left_alone(tmp_path, monkeypatch):
+    import yaml
+
+    from cl_vla.envs.libero_setup import write_libero_config
+
+    monkeypatch.delenv("LIBERO_CONFIG_PATH", raising=False)
+    monkeypatch.setenv("CL_VLA_CACHE", str(tmp_path / "cache"))
+    ours = tmp_path / "cache" / "libero" / "config.yaml"
+    ours.parent.mkdir(parents=True)
+    ours.write_text(yaml.safe_dump({"bddl_files": "/another/venv/libero/bddl_files"}))  # another venv's
+    assert write_libero_config(tmp_path / "assets") == ours
+    config = yaml.safe_load(ours.read_text())
+    assert Path(config["bddl_files"]).is_dir() and Path(config["init_states"], "libero_spatial").is_dir()
+
+    users = tmp_path / "mine" / "config.yaml"
+    users.parent.mkdir()
+    users.write_text("bddl_files: /theirs\n")
+    monkeypatch.setenv("LIBERO_CONFIG_PATH", str(users.parent))
+    assert write_libero_config(tmp_path / "assets") == users and users.read_text() == "bddl_files: /theirs\n"
+
+
 def test_libero_evaluation_needs_a_libero_sequence():
     from cl_vla.envs.libero_eval import check_libero_available
 

@@ -118,16 +118,20 @@ def _link_cache(target: Path) -> None:
 
 
 def write_libero_config(assets: Path) -> Path:
-    """Write ``$LIBERO_CONFIG_PATH/config.yaml`` (ours unless the user set the variable); returns it."""
+    """Write ``$LIBERO_CONFIG_PATH/config.yaml``; returns it.
+
+    Without ``$LIBERO_CONFIG_PATH`` the file is ours (under cl_vla's cache) and is rewritten whenever it
+    does not match the LIBERO installed here (another virtualenv may have written it). A folder the user
+    set is theirs: an existing config there is read by LIBERO as it is.
+    """
     import yaml
 
-    if not os.environ.get("LIBERO_CONFIG_PATH"):
+    ours = not os.environ.get("LIBERO_CONFIG_PATH")
+    if ours:
         base = os.environ.get("CL_VLA_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "cl_vla")
         os.environ["LIBERO_CONFIG_PATH"] = os.path.join(base, "libero")
     folder = Path(os.environ["LIBERO_CONFIG_PATH"])
     path = folder / "config.yaml"
-    if path.is_file():
-        return path  # the user's (or an earlier run's) config: LIBERO reads it as it is
     pkg = _libero_package_dir()
     config = {
         "benchmark_root": str(pkg),
@@ -136,6 +140,8 @@ def write_libero_config(assets: Path) -> Path:
         "datasets": str(pkg.parent / "datasets"),
         "assets": str(assets),
     }
+    if path.is_file() and (not ours or yaml.safe_load(path.read_text()) == config):
+        return path
     folder.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     tmp.write_text(yaml.safe_dump(config))
