@@ -212,6 +212,8 @@ def libero_run(tmp_path_factory):
         "data.batch_size=4",
         "eval.max_episode_steps=3",
         "eval.libero_settle_steps=2",
+        "eval.videos=1",
+        "eval.within_task_evals=1",  # a zero-shot point and one point inside each task
         "trainer.progress_bar=false",
     ]
     with pytest.MonkeyPatch.context() as mp:
@@ -233,11 +235,25 @@ def test_short_run_fills_R_with_success_from_the_libero_simulator(libero_run):
     assert R.shape == (2, 2) and np.all((R >= 0) & (R <= 1))
     assert res["metric_name"] == "success_rate" and res["higher_is_better"] is True
     sim = res["extra"]["sim"]
-    # Baseline + one row per task, each evaluating both tasks with one episode of at most 3 steps.
-    assert sim["episodes"] == 6 and sim["per_eval"][0]["label"] == "baseline"
-    assert 6 <= sim["env_steps"] <= 18 and sim["env_steps_per_s"] > 0 and sim["seconds_per_episode"] > 0
+    # Baseline and one row per task (both tasks, one episode of at most 3 steps each), plus the current
+    # task's zero-shot and mid-task points: 2 + 1 + 1 + 2 + 1 + 1 + 2 episodes.
+    labels = [e["label"] for e in sim["per_eval"]]
+    assert labels == [
+        "baseline",
+        "baseline_2",  # task 0's zero-shot point, before any training step
+        "task00_step00002",
+        "task00_step00004",
+        "task01_step00000",
+        "task01_step00002",
+        "task01_step00004",
+    ]
+    assert sim["episodes"] == 10
+    assert 10 <= sim["env_steps"] <= 30 and sim["env_steps_per_s"] > 0 and sim["seconds_per_episode"] > 0
+    videos = sorted(p.relative_to(libero_run["dir"] / "videos") for p in libero_run["dir"].rglob("*.mp4"))
+    assert len(videos) == 10 and Path("baseline_2/task00_libero_spatial_0_ep0_failure.mp4") in videos
     assert np.array(res["extra"]["heldout_action_loss"]["matrix"]).shape == (2, 2)
-    assert "libero_fwt_code" in res["metrics"] and "libero_auc_code" in res["metrics"]
+    m = res["metrics"]
+    assert all(0.0 <= m[k] <= 1.0 for k in ("libero_fwt", "libero_fwt_code", "libero_auc", "libero_auc_code"))
     assert libero_run["downloads"] == []  # nothing fetched: the installed assets were used
     stored = json.loads((libero_run["dir"] / "results.json").read_text())
     assert np.array_equal(np.array(stored["matrix"], dtype=float), R)

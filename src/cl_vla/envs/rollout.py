@@ -117,6 +117,7 @@ class ClosedLoopEvaluator:
         self.wandb_run = wandb_run
         self.stats = RolloutStats()
         self.max_parallel: int | None = None  # episodes run at once (environments kept); None: all
+        self._labels: dict[str, int] = {}
         self._workers: Any = None
 
     # ---- simulator hooks ------------------------------------------------------------------------------
@@ -157,6 +158,10 @@ class ClosedLoopEvaluator:
         success counts summed, so the rate is over all ``eval.episodes`` and no episode runs twice.
         """
         rank, world = _rank_and_world()
+        # One name per evaluation (videos and statistics): a repeated label gets a counter.
+        self._labels[label] = self._labels.get(label, 0) + 1
+        if self._labels[label] > 1:
+            label = f"{label}_{self._labels[label]}"
         mine = list(range(rank, self.episodes, world))
         policy = module.policy
         was_training = policy.training
