@@ -160,21 +160,31 @@ def test_unknown_task_name_suggests_close_ones():
     assert len(msg.splitlines()) == 1
 
 
-@pytest.mark.slow
-def test_unknown_task_name_stops_the_cli_before_recording(tmp_path):
-    proc = run_train(
-        [
-            "task_sequence=mw_short",
-            "task_sequence.env_tasks=[reach-v2,button-press-topdown-v3,drawer-close-v3]",
-            "data=metaworld",
-            f"data.root={tmp_path / 'never'}",
-            "eval=sim",
-            "logger=none",
-        ],
-        timeout=120,
-    )
-    assert proc.returncode == 2
-    assert last_line(proc.stderr).startswith("error: ") and "did you mean 'reach-v3'" in proc.stderr
+def test_unknown_task_name_stops_the_cli_before_recording(tmp_path, capsys):
+    from hydra import compose, initialize_config_dir
+
+    from cl_vla.cli import run_main
+    from cl_vla.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(
+            "config",
+            overrides=[
+                "task_sequence=mw_short",
+                "task_sequence.env_tasks=[reach-v2,button-press-topdown-v3,drawer-close-v3]",
+                "data=metaworld",
+                f"data.root={tmp_path / 'never'}",
+                "eval=sim",
+                "logger=none",
+                f"output_dir={tmp_path / 'run'}",
+            ],
+        )
+    with pytest.raises(SystemExit) as info:
+        run_main(cfg)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert last_line(err).startswith("error: ") and "did you mean 'reach-v3'" in err
     assert not (tmp_path / "never").exists()
 
 
