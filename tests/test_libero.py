@@ -23,7 +23,7 @@ import torch
 from cl_vla.envs.libero_schema import AGENTVIEW, SCHEMAS, WRIST, get_schema, to_policy_batch
 from cl_vla.envs.libero_setup import ASSETS_ENV, LiberoSetupError, find_assets
 from cl_vla.errors import ConfigError
-from conftest import last_line, run_train
+from conftest import CONF_DIR, last_line
 
 IMAGE_SIZE = 32  # the smallest size the AV1 encoder of the video schemas accepts
 
@@ -159,11 +159,21 @@ def test_init_states_and_schemas_are_checked_in_one_sentence():
         schema_for_policy("auto", ok, (4,))
 
 
-@pytest.mark.slow
-def test_a_bad_libero_setting_stops_train_py_with_one_sentence_before_training(tmp_path):
-    proc = run_train(["experiment=libero_smoke", "eval.init_states=[60]", f"hydra.run.dir={tmp_path}/run"])
-    assert proc.returncode == 2
-    assert last_line(proc.stderr) == (
+def test_a_bad_libero_setting_stops_train_py_with_one_sentence_before_training(tmp_path, capsys):
+    # train.py's body in this process: an interpreter start-up per check costs ~10 s on 2 cores.
+    from hydra import compose, initialize_config_dir
+
+    from cl_vla.cli import run_main
+    from cl_vla.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        overrides = ["experiment=libero_smoke", "eval.init_states=[60]", f"output_dir={tmp_path / 'run'}"]
+        cfg = compose("config", overrides=overrides)
+    with pytest.raises(SystemExit) as info:
+        run_main(cfg)
+    assert info.value.code == 2
+    assert last_line(capsys.readouterr().err) == (
         "error: eval.init_states holds 60, but LIBERO has init states 0 to 49 per task."
     )
     assert not (tmp_path / "run" / "checkpoints").exists()
