@@ -254,18 +254,6 @@ def test_evaluation_seeds_must_be_disjoint_from_the_demonstrations():
     MetaworldEvaluator(*args, demo_seeds={"reach-v3": [0, 1, 2]}).close()
 
 
-def test_libero_evaluation_says_what_is_missing():
-    from cl_vla.envs.libero_eval import check_libero_available
-    from cl_vla.errors import ConfigError
-
-    with pytest.raises(ConfigError) as err:
-        check_libero_available("libero_spatial")
-    msg = str(err.value)
-    assert len(msg.splitlines()) == 1 and "LIBERO" in msg
-    with pytest.raises(ConfigError, match="LIBERO task sequence"):
-        check_libero_available("metaworld")
-
-
 def test_mujoco_gl_defaults_to_egl_without_a_display(monkeypatch):
     from cl_vla.envs.metaworld import default_mujoco_gl
 

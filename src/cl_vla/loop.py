@@ -280,6 +280,8 @@ def _run(cfg, data, policy_cfg, algorithm, console: Console, handle: RunHandle) 
         if start == 0:
             run._stats_for_task(t)
             algorithm.on_task_start(t, ctx)
+            if int(cfg.eval.within_task_evals) > 0:  # LIBERO's curve starts with a zero-shot point
+                st.within_task[t] = [run._evaluate([t])[0]]
         if start < S:
             run.dm.set_task(t, start)
             run.trainer.fit_loop.epoch_loop.max_steps = (t + 1) * S

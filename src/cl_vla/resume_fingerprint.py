@@ -35,6 +35,8 @@ MAY_CHANGE_ON_RESUME: dict[str, str] = {
     "data.video_backend": "which decoder reads the same frames",
     "eval.num_workers": "simulator processes; episode seeds do not depend on them",
     "eval.videos": "episodes saved as video",
+    "eval.libero_assets": "where the same LIBERO assets are read from (a moved copy)",
+    "eval.libero_max_envs": "how many LIBERO environments a process keeps built, not what they simulate",
 }
 
 
