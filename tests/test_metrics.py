@@ -265,3 +265,87 @@ def test_perfect_learner_without_zero_shot_transfer() -> None:
     assert m["acc"] == 1.0 and m["learning_accuracy"] == 1.0 and m["libero_auc"] == 1.0
     assert m["bwt"] == 0.0 and m["forgetting"] == 0.0 and m["fwt"] == 0.0 and m["libero_nbt"] == 0.0
     assert m["acc_all"] == 1.0
+
+
+# ---------------------------------------------------------------------- LIBERO's code, transcribed
+
+
+def _libero_learn_one_task(successes: list[float]) -> float:
+    """The success bookkeeping of LIBERO's ``Sequential.learn_one_task`` (libero/lifelong/algos/base.py).
+
+    ``successes[0]`` is the zero-shot evaluation (epoch 0), then one evaluation every ``eval_every``
+    epochs; the return value is LIBERO's ``S_fwd[task]``.
+    """
+    prev_success_rate = -1.0
+    idx_at_best_succ = 0
+    cumulated_counter = 0.0
+    recorded = []
+    for success_rate in successes:
+        recorded.append(success_rate)
+        if prev_success_rate < success_rate:
+            prev_success_rate = success_rate
+            idx_at_best_succ = len(recorded) - 1
+        cumulated_counter += 1.0
+    out = np.array(recorded)
+    out[idx_at_best_succ:] = recorded[idx_at_best_succ]
+    return out.sum() / cumulated_counter
+
+
+def _libero_metrics(S_conf_mat: np.ndarray, S_fwd: np.ndarray) -> tuple[float, float, float]:
+    """FWT, NBT, AUC from LIBERO's result summary (``S_conf_mat``, ``S_fwd``), the paper's Sec. 5 sums.
+
+    In LIBERO's ``main.py`` row ``i`` of ``S_conf_mat`` is evaluated after ``learn_one_task`` reloaded the
+    best checkpoint of task ``i``, so its diagonal holds each task's best point.
+    """
+    K = len(S_fwd)
+    nbt = [np.mean([S_conf_mat[k, k] - S_conf_mat[t, k] for t in range(k + 1, K)]) for k in range(K - 1)]
+    auc = [(S_fwd[k] + sum(S_conf_mat[t, k] for t in range(k + 1, K))) / (K - k) for k in range(K)]
+    return float(np.mean(S_fwd)), float(np.mean(nbt)), float(np.mean(auc))
+
+
+def _random_run(rng: np.random.Generator, T: int, points: int, n_eval: int = 10):
+    """A run's R and within-task curves as cl_vla records them: zero-shot first, the task's end last."""
+    R = rng.integers(0, n_eval + 1, size=(T, T)) / n_eval
+    within = []
+    for k in range(T):
+        curve = list(rng.integers(0, n_eval + 1, size=points) / n_eval)
+        curve[-1] = R[k, k]  # the loop's last point is the end-of-task row's diagonal
+        within.append(curve)
+    return R, within
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_libero_code_convention_equals_libero_code_on_random_runs(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    T = int(rng.integers(2, 8))
+    R, within = _random_run(rng, T, points=int(rng.integers(2, 12)))
+    m = compute_metrics(R, within_task=within)
+
+    S_fwd = np.array([_libero_learn_one_task(curve) for curve in within])
+    S_conf_mat = R.copy()
+    np.fill_diagonal(S_conf_mat, [max(curve) for curve in within])
+    fwt, nbt, auc = _libero_metrics(S_conf_mat, S_fwd)
+    assert m["libero_fwt_code"] == pytest.approx(fwt, abs=1e-12)
+    assert m["libero_auc_code"] == pytest.approx(auc, abs=1e-12)
+    assert m["libero_nbt"] == pytest.approx(nbt, abs=1e-12)
+    # The paper-formula values average the curve as recorded.
+    assert m["libero_fwt"] == pytest.approx(np.mean([np.mean(c) for c in within]), abs=1e-12)
+
+
+def test_the_two_libero_conventions_differ_only_when_a_curve_peaks_early() -> None:
+    rng = np.random.default_rng(0)
+    gaps = []
+    for _ in range(500):
+        R, within = _random_run(rng, 5, points=6)
+        m = compute_metrics(R, within_task=within)
+        gaps.append(m["libero_fwt_code"] - m["libero_fwt"])
+        assert m["libero_fwt_code"] >= m["libero_fwt"] - 1e-12  # holding the best never lowers a curve
+    assert max(gaps) > 0.1
+    rising = [[0.0, 0.3, 0.6, 0.8], [0.2, 0.5, 0.9]]  # peaks at the end: the conventions agree
+    m = compute_metrics(np.array([[0.8, 0.0], [0.7, 0.9]]), within_task=rising)
+    assert m["libero_fwt_code"] == pytest.approx(m["libero_fwt"])
+    assert m["libero_auc_code"] == pytest.approx(m["libero_auc"])
+    early = [[0.0, 1.0, 0.2, 0.2], [0.2, 0.5, 0.9]]  # task 0 peaks at its second point
+    m = compute_metrics(np.array([[0.2, 0.0], [0.7, 0.9]]), within_task=early)
+    assert m["libero_fwt_code"] == pytest.approx(((0.0 + 1.0 * 3) / 4 + 1.6 / 3) / 2)
+    assert m["libero_fwt"] == pytest.approx((1.4 / 4 + 1.6 / 3) / 2)

@@ -1,20 +1,25 @@
-"""Atomic checkpoints and the run state that lets an interrupted run continue exactly.
+"""Atomic, digest-checked checkpoints and the run state that lets an interrupted run continue exactly.
 
 A checkpoint is Lightning's (model, optimizer, loop progress) plus ``checkpoint["cl_vla"]``: the loop
 position and R matrix so far, the algorithm's full state, the normalization statistics in use and the
 RNG states. It is loaded with ``weights_only=True``: everything in it is tensors and plain containers.
+
+Every checkpoint ``X.ckpt`` has a sidecar ``X.ckpt.sha256`` (``sha256sum -c`` format) written with it;
+loading verifies it, so a damaged or altered file is refused instead of silently resumed.
 ``checkpoints/state.json`` points at the newest complete checkpoint; it is replaced only after that
 checkpoint is fully on disk, so a crash never leaves it pointing at a partial file.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -23,19 +28,37 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from cl_vla.errors import CLVLAError
 
 STATE_FILE = "state.json"
+DIGEST_SUFFIX = ".sha256"
 
 
 class CheckpointError(CLVLAError):
     """A checkpoint to resume from is missing, corrupt, or from a different run."""
 
 
+def fsync_dir(path: Path) -> None:
+    """Make a rename inside ``path`` durable (POSIX: the directory entry is data of the folder)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # e.g. a platform without directory file descriptors
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = _tmp_name(path)
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    fsync_dir(path.parent)
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
@@ -43,15 +66,132 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, json.dumps(obj, indent=1).encode())
 
 
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Delete ``.<name>.tmp<pid>`` files a killed writer left behind; call only while holding the run lock
+    (then no other process of this run can be writing them)."""
+    removed = []
+    for tmp in folder.glob(".*.tmp*"):
+        if tmp.is_file():
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
+class _HashingWriter:
+    """A write-only file object that feeds sha256 while writing, so a checkpoint is hashed as it is
+    serialized (no second pass, no in-memory copy of a multi-GB checkpoint)."""
+
+    def __init__(self, f: IO[bytes]) -> None:
+        self.f, self.sha = f, hashlib.sha256()
+
+    def write(self, b: bytes) -> int:
+        self.sha.update(b)
+        return self.f.write(b)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def digest_path(ckpt: Path) -> Path:
+    return ckpt.with_name(ckpt.name + DIGEST_SUFFIX)
+
+
+def _write_digests(ckpt: Path, digests: list[str]) -> None:
+    text = "".join(f"{d}  {ckpt.name}\n" for d in digests)
+    atomic_write_bytes(digest_path(ckpt), text.encode())
+
+
+def recorded_digests(ckpt: Path) -> list[str] | None:
+    """Digests the sidecar accepts for ``ckpt`` (two only while a replacement is being renamed into
+    place); ``None`` for a checkpoint written before digests existed."""
+    side = digest_path(ckpt)
+    if not side.is_file():
+        return None
+    return [line.split()[0] for line in side.read_text().splitlines() if line.strip()]
+
+
+def write_checkpoint(checkpoint: dict, path: Path) -> None:
+    """Write ``checkpoint`` atomically and durably with its digest.
+
+    Order: data to a temporary file (fsync) -> sidecar lists the new digest and the old one -> rename ->
+    sidecar lists the new digest only. A kill at any point leaves ``path`` (old or new) matching a digest
+    in its sidecar, so a crash never makes a good checkpoint look damaged.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_name(path)
+    with open(tmp, "wb") as f:
+        writer = _HashingWriter(f)
+        torch.save(checkpoint, writer)
+        f.flush()
+        os.fsync(f.fileno())
+    digest = writer.sha.hexdigest()
+    old = (recorded_digests(path) or [])[:1] if path.exists() else []
+    _write_digests(path, [digest, *old])
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+    _write_digests(path, [digest])
+
+
+def file_sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def verify_checkpoint(ckpt: Path) -> None:
+    """Raise one sentence if ``ckpt`` does not match the digest recorded when it was written."""
+    expected = recorded_digests(ckpt)
+    if expected is None:
+        print(
+            f"warning: {ckpt.name} has no {DIGEST_SUFFIX} digest (written by an older cl_vla); "
+            "its integrity cannot be checked.",
+            file=sys.stderr,
+        )
+        return
+    if file_sha256(ckpt) not in expected:
+        others = sorted(p.name for p in ckpt.parent.glob("*.ckpt") if p != ckpt)
+        hint = f"; resume from an earlier one ({', '.join(others)})" if others else ""
+        raise CheckpointError(
+            f"Checkpoint {str(ckpt)!r} does not match the sha256 digest recorded when it was written "
+            f"({digest_path(ckpt).name}): it was damaged or altered since{hint}."
+        )
+
+
+def read_checkpoint(ckpt: Path) -> dict:
+    """Verify and load a checkpoint (CPU tensors, ``weights_only=True``); one sentence when it can't be."""
+    if not ckpt.is_file():
+        raise CheckpointError(f"Checkpoint {str(ckpt)!r} does not exist.")
+    verify_checkpoint(ckpt)
+    try:
+        payload = torch.load(ckpt, map_location="cpu", weights_only=True)
+        if not isinstance(payload["cl_vla"]["state"], str):  # a cl_vla checkpoint has our block
+            raise TypeError("no cl_vla run state")
+        return payload
+    except Exception as e:
+        raise CheckpointError(
+            f"Checkpoint {str(ckpt)!r} is corrupt or not a cl_vla checkpoint ({type(e).__name__})."
+        ) from e
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes to a temporary file and renames it, so a kill mid-write leaves the old file intact."""
+    """Lightning's checkpoint I/O through :func:`write_checkpoint` / :func:`read_checkpoint`.
+
+    A resume verifies and loads its checkpoint once, before training (it needs the run state first);
+    :meth:`hand_over` gives that payload to Lightning's own restore so the file is not read again.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._handed: dict[str, dict] = {}
+
+    def hand_over(self, path: Path, payload: dict) -> None:
+        self._handed[str(Path(path).resolve())] = payload
 
     def save_checkpoint(self, checkpoint: dict, path: Any, storage_options: Any = None) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        torch.save(checkpoint, tmp)
-        os.replace(tmp, path)
+        write_checkpoint(checkpoint, Path(path))
+
+    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict:
+        payload = self._handed.pop(str(Path(path).resolve()), None)
+        return payload if payload is not None else read_checkpoint(Path(path))
 
 
 @dataclass
@@ -105,48 +245,3 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
     py = json.loads(state["python"])
     random.setstate((py[0], tuple(py[1]), py[2]))
-
-
-def resolve_resume(resume: str) -> tuple[Path, Path, RunState]:
-    """``(run_dir, checkpoint, state)`` for ``resume`` = a run directory or a checkpoint file."""
-    p = Path(resume).expanduser()
-    if p.is_file():
-        run_dir = p.parent.parent
-        ckpt = p
-        state = load_checkpoint_state(ckpt)
-        return run_dir, ckpt, state
-    state_file = p / "checkpoints" / STATE_FILE
-    if not state_file.is_file():
-        raise CheckpointError(
-            f"resume={resume!r} has no checkpoints/{STATE_FILE}; "
-            "give a run directory of cl_vla or a .ckpt file."
-        )
-    try:
-        pointer = json.loads(state_file.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{state_file} is corrupt ({e.msg}); resume from a .ckpt file instead.") from e
-    ckpt = p / "checkpoints" / pointer["checkpoint"]
-    return p, ckpt, load_checkpoint_state(ckpt)
-
-
-def load_checkpoint_state(ckpt: Path) -> RunState:
-    if not ckpt.is_file():
-        raise CheckpointError(f"Checkpoint {str(ckpt)!r} does not exist.")
-    try:
-        payload = torch.load(ckpt, map_location="cpu", weights_only=True)
-        return RunState.from_json(json.loads(payload["cl_vla"]["state"]))
-    except CheckpointError:
-        raise
-    except Exception as e:
-        raise CheckpointError(
-            f"Checkpoint {str(ckpt)!r} is corrupt or not a cl_vla checkpoint ({type(e).__name__})."
-        ) from e
-
-
-def check_fingerprint(saved: dict, current: dict, ckpt: Path) -> None:
-    for key in sorted(set(saved) | set(current)):
-        if saved.get(key) != current.get(key):
-            raise CheckpointError(
-                f"Checkpoint {ckpt.name} was written with {key}={saved.get(key)!r} but this run has "
-                f"{key}={current.get(key)!r}; resume with the original configuration."
-            )

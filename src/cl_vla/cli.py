@@ -32,6 +32,8 @@ def validate_config(cfg: DictConfig) -> DictConfig:
     from cl_vla.data.stats import NormalizationChoice
 
     NormalizationChoice.parse(cfg.data.normalization)
+    if cfg.data.source not in DATA_SOURCES:
+        raise ConfigError(f"data.source={cfg.data.source!r} is not allowed; choose {one_of(DATA_SOURCES)}.")
     if cfg.data.root is None and str(cfg.data.repo_id).startswith("local/"):
         raise ConfigError(
             "data.root is not set; data=local reads a LeRobot dataset from disk: "
@@ -46,6 +48,31 @@ def validate_config(cfg: DictConfig) -> DictConfig:
     if "_target_" not in cfg.algorithm:
         raise ConfigError("algorithm has no _target_; pick a choice of conf/algorithm/ (e.g. algorithm=er).")
     return cfg
+
+
+DATA_SOURCES = ("synthetic", "metaworld", "local", "hub")
+
+
+def check_accelerator(trainer_cfg: Any) -> None:
+    """Refuse a GPU trainer on a machine without one before any data is read (Lightning would say so
+    only at the first fit, in a traceback, after data preparation)."""
+    acc = str(trainer_cfg.accelerator)
+    if acc not in ("gpu", "cuda"):
+        return
+    import torch
+
+    available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if available == 0:
+        raise ConfigError(
+            f"trainer.accelerator={acc!r} but torch sees no CUDA GPU on this machine; "
+            "use trainer=cpu (or trainer=ddp_cpu) here, or run on a GPU machine."
+        )
+    devices = trainer_cfg.devices
+    if isinstance(devices, int) and devices > available:
+        raise ConfigError(
+            f"trainer.devices={devices} but this machine has {available} CUDA GPU(s); "
+            f"set trainer.devices to at most {available} (or -1 for all)."
+        )
 
 
 def build_algorithm(algo_cfg: Any):
@@ -78,9 +105,11 @@ def prepare_data(cfg: DictConfig, policy_type_cfg: Any | None = None):
     from cl_vla.models import build_policy_config
 
     seq = TaskSequence.from_mapping(OmegaConf.to_container(cfg.task_sequence, resolve=True))
-    if cfg.data.synthetic is not None:
+    # Only a synthetic / metaworld source writes data: an experiment preset's `data.synthetic` settings
+    # must never turn data=local into a freshly written synthetic dataset.
+    if cfg.data.source == "synthetic" and cfg.data.synthetic is not None:
         ensure_synthetic(cfg.data, seq)
-    if cfg.data.get("record") is not None:
+    if cfg.data.source == "metaworld" and cfg.data.get("record") is not None:
         from cl_vla.envs.metaworld_record import ensure_recorded
 
         ensure_recorded(cfg.data, seq)
@@ -113,8 +142,16 @@ def run_main(cfg: DictConfig) -> float | None:
 
     # Logs and CI have no terminal width; keep task names readable there.
     console = Console(width=None if sys.stdout.isatty() else 140)
+    _one_log_handler()
+    handle = None
     try:
         cfg = validate_config(cfg)
+        if not cfg.dry_run:
+            check_accelerator(cfg.trainer)  # this machine's: recipes for GPUs still validate anywhere
+        from cl_vla.run_dir import open_run
+
+        # Before any data or model: a refused resume or a busy run directory costs nothing.
+        handle = open_run(cfg, claim=not cfg.dry_run)
         algorithm = build_algorithm(cfg.algorithm)
         data, policy_cfg = prepare_data(cfg)
         console.print(_task_table(data))
@@ -122,12 +159,36 @@ def run_main(cfg: DictConfig) -> float | None:
             return None
         from cl_vla.loop import run_continual
 
-        return run_continual(cfg, data, policy_cfg, algorithm, console=console)
+        return run_continual(cfg, data, policy_cfg, algorithm, console=console, handle=handle)
     except (CLVLAError, OmegaConfBaseException) as e:
         _fail(str(e) or type(e).__name__)
     except ImportError as e:
         # Optional policy/simulator dependencies: lerobot's message names the extra to install.
         _fail(f"a package this configuration needs is missing: {e}")
+    except Exception as e:
+        from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+        if not isinstance(e, MisconfigurationException):
+            raise
+        _fail(f"Lightning refused the trainer settings: {e}")
+    finally:
+        if handle is not None:
+            handle.close()
+
+
+def _one_log_handler() -> None:
+    """Lightning gives its loggers console handlers of their own at import; once Hydra has configured
+    the root logger every Lightning line would print twice. Let
+    Lightning's lines go through Hydra's handlers only (console and the run's train.log)."""
+    if not logging.getLogger().handlers:
+        return
+    import lightning.pytorch  # noqa: F401  (its import adds the handlers removed below)
+
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        lg = logging.getLogger(name)
+        for h in list(lg.handlers):
+            lg.removeHandler(h)
+        lg.propagate = True
 
 
 class JobFailed(CLVLAError):

@@ -39,6 +39,7 @@ class SyntheticDataConfig:
     fps: int = 10
     seed: int = 0
     use_videos: bool = False
+    schema: str = "lerobot"  # the LIBERO dataset schema of its feature keys (cl_vla.envs.libero_schema)
 
 
 @dataclass
@@ -59,6 +60,10 @@ class MetaworldRecordConfig:
 
 @dataclass
 class DataConfig:
+    # Where the frames come from: synthetic (written from `synthetic`), metaworld (recorded from `record`),
+    # local (a dataset at `root`, never written) or hub (`repo_id`, read from `root` when given).
+    # Only `synthetic` / `metaworld` ever write a dataset, whatever an experiment preset sets.
+    source: str = "hub"
     repo_id: str = MISSING
     root: str | None = None  # a local copy; None: lerobot's cache / a hub download where reachable
     synthetic: SyntheticDataConfig | None = None  # set: write a synthetic LIBERO-schema dataset at `root`
@@ -133,7 +138,15 @@ class EvalConfig:
     evaluate_unseen: bool = True  # also evaluate tasks not trained yet (forward transfer)
     env: str | None = None  # sim: metaworld | libero; None: from task_sequence.suite
     episodes: int = 10  # sim: episodes per task and evaluation
-    max_episode_steps: int = 200
+    max_episode_steps: int | None = None  # sim: None = the simulator's (Meta-World 150, LIBERO per suite)
+    parallel_envs: int | None = None  # sim: episodes run at once (environments kept per task); None: all
+    init_states: list[int] | None = None  # LIBERO: official init state of each episode; None: 0..episodes-1
+    libero_schema: str = "auto"  # LIBERO: the training data's schema (lerobot, huggingfacevla, ipec, ...)
+    libero_assets: str | None = None  # LIBERO: asset folder; None: $CL_VLA_LIBERO_ASSETS, cache, packages
+    libero_settle_steps: int = 10  # LIBERO: no-op steps after each reset (lerobot's 10; LIBERO's own 5)
+    libero_soft_reset: bool = True  # LIBERO: reset episodes on the built model instead of rebuilding it
+    libero_fast_render: bool = False  # LIBERO: no shadows/reflections/multisampling (checks, not results)
+    libero_max_envs: int = 8  # LIBERO: environments kept per process (~0.85 GB each), LRU tasks closed
     seed: int = 1_000_000  # sim: episode k is reset with seed + k (disjoint from the demonstrations')
     num_workers: int = 2  # sim: environment processes (0: in this process)
     timeout_s: float | None = 1800.0  # sim: wall-clock bound of one evaluation; unfinished episodes fail

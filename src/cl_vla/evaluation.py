@@ -76,9 +76,9 @@ def check_sim_config(cfg) -> None:
     """Early checks of ``eval=sim`` (before recording or training): settings, simulator, task names."""
     from cl_vla.envs.rollout import check_sim_settings
 
-    check_sim_settings(cfg.eval)
     env = sim_env_name(cfg.eval, cfg.task_sequence.suite)
     if env == "metaworld":
+        check_sim_settings(cfg.eval)
         from cl_vla.envs.metaworld import check_task_names
         from cl_vla.errors import ConfigError
 
@@ -89,9 +89,14 @@ def check_sim_config(cfg) -> None:
             )
         check_task_names(list(cfg.task_sequence.env_tasks))
     else:
-        from cl_vla.envs.libero_eval import check_libero_available
+        from cl_vla.envs.libero_eval import check_libero_available, init_state_ids
+        from cl_vla.envs.libero_schema import get_schema
 
-        check_libero_available(cfg.task_sequence.suite)
+        check_sim_settings(cfg.eval, max_steps=10_000, simulator="LIBERO")
+        init_state_ids(cfg.eval)
+        if cfg.eval.libero_schema != "auto":
+            get_schema(cfg.eval.libero_schema)
+        check_libero_available(cfg.task_sequence.suite, cfg.eval.libero_assets)
 
 
 def make_sim_evaluator(cfg, data, policy_cfg, run_dir=None, wandb_run=None):
@@ -103,7 +108,7 @@ def make_sim_evaluator(cfg, data, policy_cfg, run_dir=None, wandb_run=None):
         return LiberoEvaluator(
             seq.suite,
             seq.env_tasks,
-            data.num_tasks,
+            data.task_names,
             policy_cfg,
             cfg.eval,
             run_dir=run_dir,

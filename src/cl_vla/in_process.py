@@ -36,15 +36,15 @@ def run_in_process(overrides: list[str], out_dir: Path, algorithm_hook=None) -> 
     Returns ``(results, algorithm, data)``; ``results`` is what :func:`cl_vla.reporting.read_results`
     reads back from the run's directory (``out_dir``, or the resumed run's with ``resume=...``).
     """
-    from cl_vla.checkpointing import resolve_resume
     from cl_vla.loop import run_continual
     from cl_vla.reporting import read_results
+    from cl_vla.run_dir import run_dir_of
 
     cfg, algorithm, data, policy_cfg = compose_run(overrides, out_dir)
     if algorithm_hook is not None:
         algorithm_hook(algorithm)
     run_continual(cfg, data, policy_cfg, algorithm, console=Console(quiet=True))
-    run_dir = resolve_resume(cfg.resume)[0] if cfg.resume else out_dir
+    run_dir = run_dir_of(cfg.resume) if cfg.resume else out_dir
     return read_results(run_dir), algorithm, data
 
 

@@ -11,13 +11,14 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from rich.console import Console
 
 from cl_vla.algorithms.base import CLAlgorithm, TaskContext
@@ -26,8 +27,6 @@ from cl_vla.checkpointing import (
     AtomicCheckpointIO,
     RunState,
     atomic_write_json,
-    check_fingerprint,
-    resolve_resume,
     rng_state,
     set_rng_state,
 )
@@ -36,38 +35,27 @@ from cl_vla.data.stats import NormalizationChoice, flatten_stats, select_stats, 
 from cl_vla.data.streams import ContinualData
 from cl_vla.evaluation import evaluate_heldout
 from cl_vla.module import CLPolicyModule
+from cl_vla.run_dir import RunHandle, open_run
 from cl_vla.run_logging import TaskProgressBar, build_loggers, log_final, log_row
-
-
-def _fingerprint(cfg: DictConfig, data: ContinualData) -> dict[str, Any]:
-    """What must not change between a run and its resumption."""
-    return {
-        "task_sequence": data.task_names,
-        "model": cfg.model.type,
-        "lora": bool(cfg.model.get("lora")),
-        "algorithm": cfg.algorithm.get("name", cfg.algorithm["_target_"]),
-        "steps_per_task": int(cfg.continual_learning.steps_per_task),
-        "seed": int(cfg.seed),
-        "batch_size": int(cfg.data.batch_size),
-        "devices": str(cfg.trainer.devices),
-        "num_nodes": int(cfg.trainer.num_nodes),
-    }
 
 
 class ContinualRun:
     """State and wiring of one run; :func:`run_continual` drives it."""
 
-    def __init__(self, cfg: DictConfig, data: ContinualData, policy_cfg: Any, algorithm: CLAlgorithm) -> None:
+    def __init__(
+        self, cfg: DictConfig, data: ContinualData, policy_cfg: Any, algorithm: CLAlgorithm, handle: RunHandle
+    ) -> None:
         self.cfg, self.data, self.algorithm = cfg, data, algorithm
         self.S = int(cfg.continual_learning.steps_per_task)
         self.T = data.num_tasks
-        self.resume_ckpt: Path | None = None
-        if cfg.resume:
-            self.run_dir, self.resume_ckpt, self.state = resolve_resume(cfg.resume)
-            check_fingerprint(self.state.fingerprint, _fingerprint(cfg, data), self.resume_ckpt)
+        self.run_dir = handle.run_dir
+        point = handle.resume
+        self.resume_ckpt: Path | None = point.ckpt if point else None
+        self.resume_payload: dict | None = point.payload if point else None
+        if point is not None and point.state is not None:
+            self.state = point.state
         else:
-            self.run_dir = Path(cfg.output_dir)
-            self.state = RunState(self.T, data.task_names, _fingerprint(cfg, data))
+            self.state = RunState(self.T, data.task_names, handle.fingerprint)
         self.ckpt_dir = self.run_dir / "checkpoints"
         L.seed_everything(int(cfg.seed), workers=True, verbose=False)
 
@@ -109,6 +97,7 @@ class ContinualRun:
         )
         self.loggers = build_loggers(cfg, self.run_dir, self.run_dir.name)
         self.progress = TaskProgressBar(self.T, data.task_names) if t.progress_bar else None
+        self.ckpt_io = AtomicCheckpointIO()
         self.trainer = L.Trainer(
             accelerator=t.accelerator,
             devices=t.devices,
@@ -129,7 +118,7 @@ class ContinualRun:
             gradient_clip_val=self.recipe.grad_clip_norm,
             deterministic=t.deterministic or None,
             default_root_dir=str(self.run_dir),
-            plugins=[AtomicCheckpointIO()],
+            plugins=[self.ckpt_io],
             reload_dataloaders_every_n_epochs=1,
         )
 
@@ -233,21 +222,42 @@ def run_continual(
     policy_cfg: Any,
     algorithm: CLAlgorithm,
     console: Console | None = None,
+    handle: RunHandle | None = None,
 ) -> float | None:
-    """Train through every task, evaluating all tasks after each; returns the final average score."""
+    """Train through every task, evaluating all tasks after each; returns the final average score.
+
+    ``handle`` is the claimed run directory (:func:`cl_vla.run_dir.open_run`); without one it is
+    claimed here and released at the end.
+    """
     console = console or Console()
-    run = ContinualRun(cfg, data, policy_cfg, algorithm)
+    own = handle is None
+    handle = handle or open_run(cfg)
+    try:
+        return _run(cfg, data, policy_cfg, algorithm, console, handle)
+    finally:
+        if own:
+            handle.close()
+
+
+def _run(cfg, data, policy_cfg, algorithm, console: Console, handle: RunHandle) -> float | None:
+    run = ContinualRun(cfg, data, policy_cfg, algorithm, handle)
     st, T, S = run.state, run.T, run.S
     from cl_vla.memory_plan import check_run
 
     # What the CL state will cost over the sequence; refused here, not by an out-of-memory error hours in.
     check_run(cfg, run.policy, T, console.print if run.trainer.is_global_zero else lambda _: None)
+    if handle.resume is not None and run.resume_ckpt is None:
+        console.print(
+            f"{run.run_dir} stopped before its first checkpoint: nothing to continue, "
+            "starting it again from the beginning"
+        )
     if run.resume_ckpt is not None:
         console.print(f"resuming {run.run_dir} at task {st.task + 1}/{T}, step {st.step_in_task}")
         # Our part of the checkpoint is restored here, once; Lightning restores weights, optimizer and
         # step counters in the first fit. Doing it before the fit lets a task-boundary resume run the
         # new task's on_task_start on top of the restored state, as the uninterrupted run did.
-        ckpt = torch.load(run.resume_ckpt, map_location="cpu", weights_only=True)
+        ckpt = run.resume_payload
+        assert ckpt is not None
         run._load_extra(ckpt)
         run.module.load_extra = None
         algorithm.setup(run.module)
@@ -257,10 +267,11 @@ def run_continual(
             # uninterrupted run; Lightning's own restore (inside fit) would come after it.
             run.module.load_state_dict(ckpt["state_dict"])
             run.module.keep_weights_on_restore = True
-        del ckpt
+        # Lightning's restore in the first fit takes this payload instead of reading the file again.
+        run.ckpt_io.hand_over(run.resume_ckpt, ckpt)
+        run.resume_payload = ckpt = None
     else:
         run._stats_for_task(0)
-        (run.run_dir / "config.resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         st.baseline = run._evaluate(list(range(T)))  # the untrained policy: FWT's reference b_j
         if cfg.eval.type == "sim":
             run.second = {"R": [[None] * T for _ in range(T)], "baseline": run._heldout(list(range(T)))}
@@ -274,11 +285,18 @@ def run_continual(
         if start == 0:
             run._stats_for_task(t)
             algorithm.on_task_start(t, ctx)
+            if int(cfg.eval.within_task_evals) > 0:  # LIBERO's curve starts with a zero-shot point
+                st.within_task[t] = [run._evaluate([t])[0]]
         if start < S:
             run.dm.set_task(t, start)
             run.trainer.fit_loop.epoch_loop.max_steps = (t + 1) * S
             tic = time.perf_counter()
-            run.trainer.fit(run.module, datamodule=run.dm, ckpt_path=ckpt_path, weights_only=True)
+            with warnings.catch_warnings():
+                # Lightning cannot see that our batch sampler restarts a task at the checkpoint's step
+                # (batches are a function of seed, task, rank and step; tests/test_loop_e2e.py checks a
+                # mid-task resume is exact), so it would call every mid-task resume unreliable.
+                warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended")
+                run.trainer.fit(run.module, datamodule=run.dm, ckpt_path=ckpt_path, weights_only=True)
             st.train_seconds[t] += time.perf_counter() - tic
             ckpt_path = None
         algorithm.on_task_end(t, run.context(t))
@@ -407,6 +425,9 @@ def _finish(run: ContinualRun, console: Console) -> float | None:
 
     if wandb.run is not None:
         wandb.finish()
+    if run.trainer.is_global_zero:
+        # Last line of a run: where its results.json, R matrix, plots and checkpoints are.
+        console.print(f"run directory: {run.run_dir}", soft_wrap=True, highlight=False)
     acc = metrics.get("acc")
     return float(acc) if acc is not None else None
 

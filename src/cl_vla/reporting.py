@@ -52,9 +52,11 @@ METRIC_LABELS: dict[str, tuple[str, str]] = {
     "fwt": ("FWT", "forward transfer vs. the initial model; positive = good"),
     "forgetting": ("Forgetting", "mean drop from the best score; positive = bad"),
     "max_forgetting": ("Max forgetting", "largest per-task forgetting"),
-    "libero_fwt": ("LIBERO FWT", "mean within-task performance (LIBERO)"),
+    "libero_fwt": ("LIBERO FWT", "mean within-task curve, as recorded (LIBERO paper's formula)"),
     "libero_nbt": ("LIBERO NBT", "negative backward transfer; positive = bad (LIBERO)"),
-    "libero_auc": ("LIBERO AUC", "area under the per-task curve (LIBERO)"),
+    "libero_auc": ("LIBERO AUC", "area under the per-task curve (LIBERO paper's formula)"),
+    "libero_fwt_code": ("LIBERO FWT (code)", "as LIBERO's learn_one_task: curve held at its best point"),
+    "libero_auc_code": ("LIBERO AUC (code)", "AUC with LIBERO's code FWT (curve held at its best point)"),
 }
 
 _JsonValue = Any

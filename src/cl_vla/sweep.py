@@ -301,6 +301,17 @@ def _fail(message: str) -> None:
     sys.exit(2)
 
 
+def check_output_dir(path: str, key: str) -> None:
+    """One sentence (exit 2) instead of Hydra's traceback when the output folder cannot be made."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        if not os.access(path, os.W_OK):
+            raise PermissionError("not writable")
+    except OSError as exc:
+        why = exc.strerror or str(exc)
+        _fail(f"{key}={path!r} cannot be created or written ({why}); choose a writable folder: {key}=<dir>.")
+
+
 def check_plugins(cfg: DictConfig) -> None:
     """One sentence (exit 2) when the chosen launcher or sweeper is a plugin that is not installed."""
     for node in ("launcher", "sweeper"):
@@ -331,10 +342,14 @@ def check_plugins(cfg: DictConfig) -> None:
 class SweepGuard(Callback):
     """Hydra callback: claims the sweep directory, records job status, checks plugins (see module doc)."""
 
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        check_output_dir(str(config.hydra.run.dir), "hydra.run.dir")
+
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         check_plugins(config)
         spec = spec_from_config(config)
         sweep_dir = Path(str(config.hydra.sweep.dir))
+        check_output_dir(str(sweep_dir), "hydra.sweep.dir")
         try:
             if sweep_dir.is_dir():
                 check_unclaimed_dir(sweep_dir, spec)

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torch.utils.data import Subset
 
 from cl_vla.algorithms.base import CLAlgorithm, TaskContext
+from cl_vla.algorithms.quadratic_penalty import quadratic_penalty
 
 _STATE_VERSION = 1
 _MODES = ("separate", "online")
@@ -174,7 +175,9 @@ class EWC(CLAlgorithm):
         if not self._importance or self.ewc_lambda == 0.0:
             return None
         params = dict(module.policy.named_parameters())
-        total: Tensor | None = None
+        ps: list[Tensor] = []
+        fs: list[Tensor] = []
+        anchors: list[Tensor] = []
         for task in sorted(self._importance):
             fisher, anchor = self._importance[task], self._anchor[task]
             for name, f in list(fisher.items()):
@@ -185,9 +188,10 @@ class EWC(CLAlgorithm):
                     # Moved once, then kept there: a restored state arrives on the CPU.
                     fisher[name] = f = f.to(device=p.device, dtype=p.dtype)
                     anchor[name] = anchor[name].to(device=p.device, dtype=p.dtype)
-                term = (f * (p - anchor[name]).square()).sum()
-                total = term if total is None else total + term
-        return None if total is None else total * (self.ewc_lambda / 2.0)
+                ps.append(p)
+                fs.append(f)
+                anchors.append(anchor[name])
+        return quadratic_penalty(self.ewc_lambda / 2.0, ps, fs, anchors) if ps else None
 
     # ---- the Fisher -----------------------------------------------------------------------------
 

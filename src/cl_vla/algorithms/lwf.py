@@ -163,7 +163,7 @@ class LwF(CLAlgorithm):
         self._teacher.eval()
         return self._teacher
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def teacher_outputs(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
         """The teacher's action chunk on a preprocessed ``batch`` (empty dict before the first task end)."""
         device = _batch_device(batch, self._policy)

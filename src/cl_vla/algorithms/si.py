@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from cl_vla.algorithms.base import CLAlgorithm, TaskContext
+from cl_vla.algorithms.quadratic_penalty import quadratic_penalty
 
 _STATE_VERSION = 1
 
@@ -88,6 +89,7 @@ class SI(CLAlgorithm):
         self._start: dict[str, Tensor] = {}  # theta at the start of the current task
         self._pending: dict[str, tuple[Tensor, Tensor]] = {}  # name -> (gradient, theta before the step)
         self._module: Any = None
+        self._amp = False  # the pending step ran under an fp16 loss scale (overflow steps possible)
         self.tasks_consolidated: list[int] = []
 
     @staticmethod
@@ -109,18 +111,31 @@ class SI(CLAlgorithm):
         params = _trainable(module)
         if not self._start:
             self._start = {n: p.detach().clone() for n, p in params.items()}
+        names = [n for n, p in params.items() if p.grad is not None]  # unused: the optimizer skips it
+        if not names:
+            self._pending = {}
+            return
+        grads = [params[n].grad.detach() for n in names]
+        wide = torch.promote_types(grads[0].dtype, torch.float32)
         scale = _loss_scale(module)
-        self._pending = {}
-        for n, p in params.items():
-            if p.grad is None:
-                continue  # unused this step: no gradient, and the optimizer leaves it (nearly) alone
-            g = p.grad.detach().to(torch.promote_types(p.dtype, torch.float32), copy=True)
-            if scale != 1.0:
-                g.div_(scale)
-            if n in self._big_omega and self.si_c != 0.0:
-                omega, anchor = self._to(self._big_omega, n, p), self._to(self._anchor, n, p)
-                g.sub_((2.0 * self.si_c) * omega * (p.detach() - anchor))
-            self._pending[n] = (g, p.detach().clone())
+        if all(g.dtype == wide for g in grads):
+            # Copies in one fused kernel (a loss scale is a power of two: dividing by it is exact).
+            g_list = torch._foreach_div(grads, scale) if scale != 1.0 else torch._foreach_mul(grads, 1.0)
+        else:
+            g_list = [g.to(wide, copy=True).div_(scale) for g in grads]
+        penalized = [i for i, n in enumerate(names) if n in self._big_omega]
+        if penalized and self.si_c != 0.0:
+            # p.grad holds the total loss's gradient; SI's own penalty gradient 2c Omega (theta - theta*)
+            # is known exactly, so the task loss's gradient is recovered by subtracting it.
+            ps = [params[names[i]].detach() for i in penalized]
+            omegas = [self._to(self._big_omega, names[i], ps[k]) for k, i in enumerate(penalized)]
+            anchors = [self._to(self._anchor, names[i], ps[k]) for k, i in enumerate(penalized)]
+            shift = torch._foreach_sub(ps, anchors)
+            torch._foreach_mul_(shift, omegas)
+            torch._foreach_add_([g_list[i] for i in penalized], shift, alpha=-2.0 * self.si_c)
+        before = torch._foreach_mul([params[n].detach() for n in names], 1.0)  # copies, fused
+        self._pending = {n: (g, b) for n, g, b in zip(names, g_list, before, strict=True)}
+        self._amp = scale != 1.0
 
     def observe(self, batch: Mapping[str, Any], **kwargs: Any) -> None:
         """After the optimizer step: ``omega += -g * (theta_after - theta_before)``."""
@@ -129,17 +144,22 @@ class SI(CLAlgorithm):
         if module is None or not self._pending:
             return
         params = dict(module.policy.named_parameters())
-        for n, (g, before) in self._pending.items():
-            p = params.get(n)
-            if p is None:
-                continue
-            delta = p.detach().to(g.dtype) - before.to(g.dtype)
+        names = [n for n in self._pending if n in params]
+        g = [self._pending[n][0] for n in names]
+        after = [params[n].detach().to(t.dtype) for n, t in zip(names, g, strict=True)]
+        delta = torch._foreach_sub(
+            after, [self._pending[n][1].to(t.dtype) for n, t in zip(names, g, strict=True)]
+        )
+        torch._foreach_mul_(delta, g)  # g * delta
+        if getattr(self, "_amp", False):
             # A step skipped on an AMP overflow has delta 0 and an inf gradient: count it as 0, not NaN.
-            contrib = (-g * delta).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
-            if n in self._omega:
-                self._omega[n] = self._to(self._omega, n, contrib).add_(contrib)
-            else:
-                self._omega[n] = contrib
+            for t in delta:
+                t.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+        for n, t in zip(names, delta, strict=True):
+            if n not in self._omega:
+                self._omega[n] = torch.zeros_like(t)
+        omega = [self._to(self._omega, n, t) for n, t in zip(names, delta, strict=True)]
+        torch._foreach_sub_(omega, delta)  # omega += -g * delta
         self._pending = {}
 
     @staticmethod
@@ -156,14 +176,13 @@ class SI(CLAlgorithm):
         """``c * sum_i Omega_i (theta_i - theta*_i)^2``; None before the first task ends."""
         if not self._big_omega or self.si_c == 0.0:
             return None
-        total: Tensor | None = None
+        ps, omegas, anchors = [], [], []
         for n, p in module.policy.named_parameters():
-            if n not in self._big_omega:
-                continue
-            omega, anchor = self._to(self._big_omega, n, p), self._to(self._anchor, n, p)
-            term = (omega.to(p.dtype) * (p - anchor.to(p.dtype)).square()).sum()
-            total = term if total is None else total + term
-        return None if total is None else total * self.si_c
+            if n in self._big_omega:
+                ps.append(p)
+                omegas.append(self._to(self._big_omega, n, p).to(p.dtype))
+                anchors.append(self._to(self._anchor, n, p).to(p.dtype))
+        return quadratic_penalty(self.si_c, ps, omegas, anchors) if ps else None
 
     # ---- task boundary --------------------------------------------------------------------------
 

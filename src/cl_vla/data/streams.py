@@ -39,6 +39,39 @@ def ensure_synthetic(data_cfg: Any, sequence: TaskSequence, *, progress: bool = 
     write_synthetic_dataset(data_cfg.root, data_cfg.repo_id, spec, progress=progress)
 
 
+def check_dataset_layout(root: Path) -> None:
+    """Name what a local LeRobot v3 dataset lacks before lerobot sees it: with a local root, lerobot
+    answers a missing metadata file by trying the hub, and offline its message never names the file."""
+    import json
+
+    if not (root / "meta" / "info.json").is_file():
+        what = "does not exist" if not root.exists() else "has no meta/info.json"
+        raise DataError(
+            f"No LeRobot dataset at data.root={str(root)!r} (the folder {what}); "
+            "point data.root at a dataset directory or use data=synthetic."
+        )
+    try:
+        version = str(json.loads((root / "meta" / "info.json").read_text()).get("codebase_version", "?"))
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise DataError(f"data.root={str(root)!r}: meta/info.json is not valid JSON ({e}).") from e
+    if not version.startswith("v3"):
+        raise DataError(
+            f"data.root={str(root)!r} is a LeRobot {version} dataset; lerobot 0.6.1 reads v3.0 only: "
+            "convert it with lerobot's convert_dataset_v21_to_v30 first."
+        )
+    required = {
+        "meta/tasks.parquet": (root / "meta" / "tasks.parquet").is_file(),
+        "meta/episodes/ (episode parquet files)": any((root / "meta" / "episodes").glob("**/*.parquet")),
+        "data/ (frame parquet files)": any((root / "data").glob("**/*.parquet")),
+    }
+    missing = [name for name, present in required.items() if not present]
+    if missing:
+        raise DataError(
+            f"The LeRobot dataset at data.root={str(root)!r} is incomplete: {', '.join(missing)} "
+            "missing (a v3.0 dataset holds meta/info.json, meta/tasks.parquet, meta/episodes/ and data/)."
+        )
+
+
 def open_dataset(
     repo_id: str,
     root: str | os.PathLike | None,
@@ -53,11 +86,7 @@ def open_dataset(
 
     if root is not None:
         root = Path(root).expanduser()
-        if not (root / "meta" / "info.json").is_file():
-            raise DataError(
-                f"No LeRobot dataset at data.root={str(root)!r} (meta/info.json is missing); "
-                "point data.root at a dataset directory or use data=synthetic."
-            )
+        check_dataset_layout(root)
     try:
         return LeRobotDataset(
             repo_id,

@@ -37,21 +37,33 @@ class SyntheticSpec:
     fps: int = 10
     seed: int = 0
     use_videos: bool = False
+    schema: str = "lerobot"  # LIBERO dataset schema: which camera keys (cl_vla.envs.libero_schema)
 
     def fingerprint(self) -> str:
         payload = {"generator": GENERATOR_VERSION, **asdict(self)}
+        if self.schema == "lerobot":
+            del payload["schema"]  # the keys datasets had before schemas existed: cached copies stay valid
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def libero_features(image_size: int, use_videos: bool = False) -> dict:
+def camera_keys(schema: str = "lerobot") -> tuple[str, str]:
+    """The (agent view, wrist) image keys of a LIBERO dataset schema."""
+    from cl_vla.envs.libero_schema import get_schema
+
+    keys = get_schema(schema).camera_keys
+    return keys[0], keys[1]
+
+
+def libero_features(image_size: int, use_videos: bool = False, schema: str = "lerobot") -> dict:
     img = {
         "dtype": "video" if use_videos else "image",
         "shape": (image_size, image_size, 3),
         "names": ["height", "width", "channels"],
     }
+    agent, wrist = camera_keys(schema)
     return {
-        "observation.images.image": dict(img),
-        "observation.images.wrist_image": dict(img),
+        agent: dict(img),
+        wrist: dict(img),
         "observation.state": _vector(STATE_DIM, "s"),
         "action": _vector(ACTION_DIM, "a"),
     }
@@ -115,7 +127,7 @@ def write_synthetic_dataset(
     ds = LeRobotDataset.create(
         repo_id,
         fps=spec.fps,
-        features=libero_features(spec.image_size, spec.use_videos),
+        features=libero_features(spec.image_size, spec.use_videos, spec.schema),
         root=tmp,
         robot_type="synthetic_panda",
         use_videos=spec.use_videos,
@@ -140,7 +152,10 @@ def _serves(saved: dict, spec: SyntheticSpec) -> bool:
     if saved.get("fingerprint") == spec.fingerprint():
         return True
     wanted = {**asdict(spec), "instructions": None}
-    have = {k: saved.get(k) for k in wanted} | {"instructions": None}
+    have = {k: saved.get(k) for k in wanted} | {
+        "instructions": None,
+        "schema": saved.get("schema", "lerobot"),
+    }
     same_generator = SyntheticSpec(**{**asdict(spec), "instructions": tuple(saved.get("instructions") or ())})
     return (
         have == wanted
@@ -156,6 +171,7 @@ def _write_episode(ds, task: int, n_tasks: int, spec: SyntheticSpec, rng: np.ran
     pos = rng.uniform(-0.8, 0.8, size=3)
     grip_sign = 1.0 if task % 2 == 0 else -1.0
     tint = task / max(n_tasks - 1, 1)
+    agent_key, wrist_key = camera_keys(spec.schema)
     for f in range(spec.frames_per_episode):
         image, wrist = _render(spec.image_size, target, pos, tint * 0.3)
         delta = target - pos
@@ -170,8 +186,8 @@ def _write_episode(ds, task: int, n_tasks: int, spec: SyntheticSpec, rng: np.ran
         state = np.concatenate([pos, target, gripper]).astype(np.float32)
         ds.add_frame(
             {
-                "observation.images.image": image,
-                "observation.images.wrist_image": wrist,
+                agent_key: image,
+                wrist_key: wrist,
                 "observation.state": state,
                 "action": move,
                 "task": spec.instructions[task],

@@ -4,8 +4,12 @@
   experts), fast offscreen rendering, and the worker processes that step and render environments;
 * :mod:`cl_vla.envs.metaworld_record`: scripted-expert demonstrations -> a cached LeRobot dataset
   (``data=metaworld``);
-* :mod:`cl_vla.envs.rollout`: success rates of a policy in vectorized Meta-World envs (``eval=sim``);
-* :mod:`cl_vla.envs.libero_eval`: the same through lerobot's LIBERO env (``eval.env=libero``).
+* :mod:`cl_vla.envs.workers`: the simulation worker processes every simulator shares;
+* :mod:`cl_vla.envs.rollout`: the closed-loop evaluator core (episodes over ranks, workers and steps) and
+  success rates in Meta-World (``eval=sim``);
+* :mod:`cl_vla.envs.libero_setup`: LIBERO without a hub or a terminal (config file, asset folder);
+* :mod:`cl_vla.envs.libero_schema`: a LIBERO observation as the features of each dataset family;
+* :mod:`cl_vla.envs.libero_eval`: success rates in LIBERO from its official init states.
 
 Nothing here is imported by ``import cl_vla``; the simulators load only when a run uses them.
 """

@@ -17,19 +17,19 @@ multisampling (about 8 ms a frame with llvmpipe, against 110-170 ms for the defa
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import importlib.util
 import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from cl_vla.envs import workers
 from cl_vla.errors import CLVLAError, ConfigError, one_of
 
 CAMERAS = ("topview", "corner", "corner2", "corner3", "behindGripper", "gripperPOV")
@@ -393,122 +393,11 @@ def _stack(obs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _worker_main(conn: Any, spec: ObservationSpec) -> None:
-    import warnings
-
-    warnings.filterwarnings("ignore")  # metaworld's experts and gymnasium warn on import and reset
-    handler = None
-    try:
-        while True:
-            try:
-                method, args = conn.recv()
-            except (EOFError, KeyboardInterrupt):
-                break
-            if method == "close":
-                break
-            try:
-                handler = handler or _Handler(spec)
-                conn.send(("ok", getattr(handler, method)(*args)))
-            except CLVLAError as e:
-                conn.send(("error", e))
-            except Exception as e:
-                conn.send(("error", f"{type(e).__name__}: {e}".splitlines()[0]))
-    finally:
-        if handler is not None:
-            handler.close()  # GL contexts before interpreter exit, or EGL complains on stderr
-
-
-class SimWorkers:
-    """``num_workers`` spawned processes (0: this process), each holding its own environments.
-
-    ``submit(i, method, *args)`` sends a call to worker ``i``; ``result(i)`` waits for it. Spawned (not
-    forked): no GL context, torch thread pool or logging lock of this process leaks into a worker.
-    """
+class SimWorkers(workers.SimWorkers):
+    """Meta-World worker processes (``num_workers``; 0: this process), each with its own environments."""
 
     def __init__(self, spec: ObservationSpec, num_workers: int, timeout_s: float = 300.0) -> None:
-        self.spec, self.timeout_s = spec, timeout_s
-        self._local: _Handler | None = None
-        self._pending: list[Any] = []
-        self._conns: list[Any] = []
-        self._procs: list[Any] = []
-        if num_workers <= 0:
-            self._local = _Handler(spec)
-            self._pending = [None]
-            return
-        import multiprocessing as mp
-
-        default_mujoco_gl()
-        ctx = mp.get_context("spawn")
-        for _ in range(num_workers):
-            parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_worker_main, args=(child, spec), daemon=True)
-            proc.start()
-            child.close()
-            self._conns.append(parent)
-            self._procs.append(proc)
-        self._pending = [None] * num_workers
-
-    @property
-    def size(self) -> int:
-        return len(self._pending)
-
-    def submit(self, i: int, method: str, *args: Any) -> None:
-        if self._local is not None:
-            try:
-                self._pending[i] = ("ok", getattr(self._local, method)(*args))
-            except CLVLAError as e:
-                self._pending[i] = ("error", e)
-            return
-        self._conns[i].send((method, args))
-        self._pending[i] = "sent"
-
-    def result(self, i: int) -> Any:
-        if self._local is None:
-            conn = self._conns[i]
-            if not conn.poll(self.timeout_s):
-                raise RuntimeError(f"A Meta-World worker gave no answer within {self.timeout_s:.0f} s.")
-            try:
-                self._pending[i] = conn.recv()
-            except EOFError as e:
-                code = self._procs[i].exitcode
-                raise RuntimeError(f"A Meta-World worker process died (exit code {code}).") from e
-        status, value = self._pending[i]
-        self._pending[i] = None
-        if status == "error":
-            if isinstance(value, BaseException):
-                raise value
-            raise RuntimeError(f"A Meta-World worker failed: {value}")
-        return value
-
-    def ready(self, timeout: float | None = None) -> list[int]:
-        """Workers with an answer waiting (all pending ones in-process)."""
-        if self._local is not None:
-            return [0] if self._pending[0] is not None else []
-        from multiprocessing.connection import wait
-
-        waiting = [c for c, p in zip(self._conns, self._pending, strict=True) if p == "sent"]
-        done = wait(waiting, timeout if timeout is not None else self.timeout_s)
-        return [self._conns.index(c) for c in done]
-
-    def close(self) -> None:
-        if self._local is not None:
-            self._local.close()
-            self._local = None
-            return
-        for conn in self._conns:
-            with contextlib.suppress(BrokenPipeError, OSError):
-                conn.send(("close", ()))
-        for proc in self._procs:
-            proc.join(timeout=10)
-            if proc.is_alive():
-                proc.terminate()
-                proc.join(timeout=5)
-        for conn in self._conns:
-            conn.close()
-        self._conns, self._procs = [], []
-
-    def __enter__(self) -> SimWorkers:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+        if num_workers > 0:
+            default_mujoco_gl()
+        super().__init__(partial(_Handler, spec), num_workers, timeout_s, name="Meta-World")
+        self.spec = spec

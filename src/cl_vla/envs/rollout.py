@@ -1,4 +1,5 @@
-"""Closed-loop evaluation in Meta-World: the success rate of every task, one row of R.
+"""Closed-loop evaluation: the success rate of every task, one row of R (Meta-World here, LIBERO in
+:mod:`cl_vla.envs.libero_eval`, both on :class:`ClosedLoopEvaluator`).
 
 For each evaluated task, ``eval.episodes`` episodes run at once in vectorized environments spread over
 ``eval.num_workers`` processes (they step and render; this process batches the policy over all of
@@ -34,16 +35,20 @@ from cl_vla.envs.metaworld import (
 from cl_vla.errors import ConfigError
 
 log = logging.getLogger("cl_vla")
+DEFAULT_EPISODE_STEPS = 150  # Meta-World's limit when eval.max_episode_steps is null
 
 
-def check_sim_settings(eval_cfg: Any) -> None:
+def check_sim_settings(
+    eval_cfg: Any, max_steps: int = MAX_PATH_LENGTH, simulator: str = "Meta-World"
+) -> None:
     """Range checks of the ``eval`` group for ``eval=sim``; one sentence each."""
     if int(eval_cfg.episodes) < 1:
         raise ConfigError(f"eval.episodes={eval_cfg.episodes} is not allowed; it must be at least 1.")
-    if not 1 <= int(eval_cfg.max_episode_steps) <= MAX_PATH_LENGTH:
+    steps = eval_cfg.max_episode_steps
+    if steps is not None and not 1 <= int(steps) <= max_steps:
         raise ConfigError(
-            f"eval.max_episode_steps={eval_cfg.max_episode_steps} is not allowed; Meta-World "
-            f"episodes take 1 to {MAX_PATH_LENGTH} steps."
+            f"eval.max_episode_steps={steps} is not allowed; {simulator} episodes take 1 to {max_steps} "
+            "steps (null: the simulator's own limit)."
         )
     if int(eval_cfg.videos) < 0 or int(eval_cfg.num_workers) < 0:
         raise ConfigError("eval.videos and eval.num_workers must not be negative.")
@@ -65,6 +70,7 @@ class RolloutStats:
             "episodes": self.episodes,
             "seconds": round(self.seconds, 2),
             "env_steps_per_s": round(self.env_steps / self.seconds, 1) if self.seconds else None,
+            "seconds_per_episode": round(self.seconds / self.episodes, 2) if self.episodes else None,
             "timeouts": self.timeouts,
             "per_eval": self.per_eval,
         }
@@ -78,62 +84,71 @@ def _rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
-class MetaworldEvaluator:
-    """Success rates of a policy on the Meta-World tasks of a sequence; keeps its workers between calls."""
+class ClosedLoopEvaluator:
+    """Success rates of a policy on the tasks of a sequence in a simulator; keeps its workers between calls.
+
+    The simulator-specific parts are a handful of hooks: which workers to start (:meth:`_make_workers`),
+    what a worker's ``reset`` gets for a shard of episodes (:meth:`_reset_args`), the policy batch made
+    from an observation (:meth:`_policy_batch`), the first camera's frames for videos (:meth:`_frames`)
+    and a short name for files (:meth:`_task_name`). Workers answer ``reset(*args) -> obs`` and
+    ``step(actions, running) -> (obs, success)``, ``obs`` a dict (of dicts) of arrays with one row per
+    environment. Everything else (episodes split over DDP ranks and over workers, the step loop, time
+    limits, statistics, videos) is shared.
+    """
+
+    simulator = "simulation"
 
     def __init__(
         self,
-        env_tasks: Sequence[str],
         instructions: Sequence[str],
-        policy_cfg: Any,
         eval_cfg: Any,
         *,
-        demo_seeds: dict[str, list[int]] | None = None,
+        max_steps: int,
         run_dir: str | Path | None = None,
         wandb_run: Callable[[], Any] | None = None,
     ) -> None:
-        check_sim_settings(eval_cfg)
-        self.env_tasks = check_task_names(env_tasks)
         self.instructions = [str(i) for i in instructions]
-        action = (policy_cfg.output_features or {}).get("action")
-        self.spec: ObservationSpec = spec_from_policy_features(
-            dict(policy_cfg.input_features or {}), action.shape if action is not None else None
-        )
-        self.single_image_key = "observation.image" in (policy_cfg.input_features or {})
         self.episodes = int(eval_cfg.episodes)
-        self.max_steps = int(eval_cfg.max_episode_steps)
-        self.seeds = [int(eval_cfg.seed) + k for k in range(self.episodes)]
+        self.max_steps = int(max_steps)
         self.timeout_s = float(eval_cfg.timeout_s) if eval_cfg.timeout_s else None
         self.videos = int(eval_cfg.videos)
         self.num_workers = min(int(eval_cfg.num_workers), self.episodes)
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.wandb_run = wandb_run
         self.stats = RolloutStats()
-        self._check_disjoint(demo_seeds or {})
-        self._workers: SimWorkers | None = None
+        self.max_parallel: int | None = None  # episodes run at once (environments kept); None: all
+        self._labels: dict[str, int] = {}
+        self._workers: Any = None
 
-    def _check_disjoint(self, demo_seeds: dict[str, list[int]]) -> None:
-        for task in self.env_tasks:
-            used = set(demo_seeds.get(task, ()))
-            clash = sorted(used.intersection(self.seeds))
-            if clash:
-                raise ConfigError(
-                    f"eval.seed={self.seeds[0]} makes evaluation episodes reuse demonstration seeds of "
-                    f"{task!r} (e.g. {clash[0]}); choose eval.seed above {max(used)}."
-                )
+    # ---- simulator hooks ------------------------------------------------------------------------------
+
+    def _make_workers(self) -> Any:
+        raise NotImplementedError
+
+    def _reset_args(self, task: int, episodes: list[int]) -> tuple:
+        raise NotImplementedError
+
+    def _policy_batch(self, obs: dict[str, Any], module: Any) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _frames(self, obs: dict[str, Any]) -> np.ndarray | None:
+        return None
+
+    def _task_name(self, task: int) -> str:
+        return f"task{task}"
+
+    # ---------------------------------------------------------------------------------------------------
 
     @property
-    def workers(self) -> SimWorkers:
+    def workers(self) -> Any:
         if self._workers is None:
-            self._workers = SimWorkers(self.spec, self.num_workers)
+            self._workers = self._make_workers()
         return self._workers
 
     def close(self) -> None:
         if self._workers is not None:
             self._workers.close()
             self._workers = None
-
-    # ---------------------------------------------------------------------------------------------
 
     @torch.no_grad()
     def evaluate(self, module: Any, tasks: Sequence[int], label: str = "eval") -> list[float]:
@@ -143,6 +158,10 @@ class MetaworldEvaluator:
         success counts summed, so the rate is over all ``eval.episodes`` and no episode runs twice.
         """
         rank, world = _rank_and_world()
+        # One name per evaluation (videos and statistics): a repeated label gets a counter.
+        self._labels[label] = self._labels.get(label, 0) + 1
+        if self._labels[label] > 1:
+            label = f"{label}_{self._labels[label]}"
         mine = list(range(rank, self.episodes, world))
         policy = module.policy
         was_training = policy.training
@@ -153,23 +172,27 @@ class MetaworldEvaluator:
         counts = torch.zeros(len(tasks), 2, dtype=torch.float64)  # successes, episodes
         try:
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(self.seeds[0])
+                torch.manual_seed(int(getattr(self, "seed", 0)))
                 for k, task in enumerate(tasks):
                     with module.algorithm.eval_context(task, module):
                         counts[k] = torch.tensor(self._task(module, task, label, deadline, mine, rank))
         finally:
             policy.train(was_training)
+        # Totals over every rank (rank 0 writes them): successes, episodes, env steps.
+        step_count = torch.tensor([float(self.stats.env_steps - steps_before)], dtype=torch.float64)
         if world > 1:
             import torch.distributed as dist
 
-            counts = counts.to(module.device)
+            counts, step_count = counts.to(module.device), step_count.to(module.device)
             dist.all_reduce(counts)
-            counts = counts.cpu()
+            dist.all_reduce(step_count)
+            counts, step_count = counts.cpu(), step_count.cpu()
         rates = [float(s / n) for s, n in counts.tolist()]
         seconds = time.perf_counter() - tic
         self.stats.seconds += seconds
-        steps = self.stats.env_steps - steps_before
-        self.stats.episodes += len(tasks) * len(mine)
+        steps = int(step_count.item())
+        self.stats.env_steps = steps_before + steps
+        self.stats.episodes += int(counts[:, 1].sum())
         self.stats.per_eval.append(
             {"label": label, "seconds": round(seconds, 2), "env_steps": steps, "success": rates}
         )
@@ -181,32 +204,38 @@ class MetaworldEvaluator:
     def _task(
         self, module: Any, task: int, label: str, deadline: float | None, episodes: list[int], rank: int
     ) -> tuple[int, int]:
-        """Run ``episodes`` (ids into ``self.seeds``) of one task; ``(successes, episodes run)``."""
-        from lerobot.envs.utils import preprocess_observation
+        """Run ``episodes`` (episode ids of this evaluation) of one task; ``(successes, episodes run)``."""
+        width = int(self.max_parallel or len(episodes) or 1)
+        successes = 0
+        for start in range(0, len(episodes), width):
+            chunk = episodes[start : start + width]
+            videos = rank == 0 and start == 0  # rank 0's first episodes are filmed
+            successes += self._run_episodes(module, task, label, deadline, chunk, videos)
+        return successes, len(episodes)
 
+    def _run_episodes(
+        self, module: Any, task: int, label: str, deadline: float | None, episodes: list[int], videos: bool
+    ) -> int:
+        """Run ``episodes`` of one task at once (one environment each); the number of successes."""
         n = len(episodes)
-        if n == 0:  # more DDP ranks than episodes
-            return 0, 0
-        env_task, instruction = self.env_tasks[task], self.instructions[task]
+        instruction = self.instructions[task]
         w = self.workers
         shards = [list(range(i, n, w.size)) for i in range(w.size)]
         shards = [s for s in shards if s]
         for i, idx in enumerate(shards):
-            w.submit(i, "reset", env_task, [self.seeds[episodes[k]] for k in idx])
-        obs = self._gather([w.result(i) for i in range(len(shards))], shards)
+            w.submit(i, "reset", *self._reset_args(task, [episodes[k] for k in idx]))
+        obs = _gather([w.result(i) for i in range(len(shards))], shards)
         module.policy.reset()
         running = np.ones(n, dtype=bool)
         success = np.zeros(n, dtype=bool)
-        frames: list[list[np.ndarray]] = [[] for _ in range(min(self.videos, n) if rank == 0 else 0)]
-        first_cam = self.spec.cameras[0] if self.spec.cameras else None
+        frames: list[list[np.ndarray]] = [[] for _ in range(min(self.videos, n) if videos else 0)]
         for _step in range(self.max_steps):
-            if first_cam is not None:
+            images = self._frames(obs) if frames else None
+            if images is not None:
                 for k, buf in enumerate(frames):
                     if running[k]:
-                        buf.append(obs["pixels"][first_cam][k])
-            batch = {k: v.to(module.device) for k, v in preprocess_observation(obs).items()}
-            if self.single_image_key:  # lerobot's one-camera key; its camera is corner2
-                batch["observation.image"] = batch.pop("observation.images.corner2")
+                        buf.append(images[k])
+            batch = self._policy_batch(obs, module)
             batch["task"] = [instruction] * n
             action = module.policy.select_action(module.preprocessor(batch))
             if module.postprocessor is not None:
@@ -216,7 +245,7 @@ class MetaworldEvaluator:
                 w.submit(i, "step", action[idx], running[idx])
             self.stats.env_steps += int(running.sum())
             results = [w.result(i) for i in range(len(shards))]
-            obs = self._gather([r[0] for r in results], shards)
+            obs = _gather([r[0] for r in results], shards)
             for i, idx in enumerate(shards):
                 done = results[i][1] & running[idx]
                 success[idx] |= done
@@ -230,36 +259,15 @@ class MetaworldEvaluator:
                     label,
                     self.timeout_s,
                     int(running.sum()),
-                    env_task,
+                    self._task_name(task),
                 )
                 break
         if frames:
-            self._save_videos(frames, success, label, task, env_task, episodes)
-        return int(success.sum()), n
-
-    def _gather(self, parts: list[dict[str, Any]], shards: list[list[int]]) -> dict[str, Any]:
-        """Worker shards back into episode order (episode k is at row k)."""
-        order = np.argsort(np.concatenate(shards))
-
-        def cat(arrays: list[np.ndarray]) -> np.ndarray:
-            return np.concatenate(arrays)[order]
-
-        out: dict[str, Any] = {
-            "pixels": {cam: cat([p["pixels"][cam] for p in parts]) for cam in parts[0]["pixels"]}
-        }
-        for key in ("agent_pos", "environment_state"):
-            if key in parts[0]:
-                out[key] = cat([p[key] for p in parts])
-        return out
+            self._save_videos(frames, success, label, task, episodes)
+        return int(success.sum())
 
     def _save_videos(
-        self,
-        frames: list[list[np.ndarray]],
-        success: np.ndarray,
-        label: str,
-        task: int,
-        env_task: str,
-        episodes: list[int],
+        self, frames: list[list[np.ndarray]], success: np.ndarray, label: str, task: int, episodes: list[int]
     ) -> None:
         if self.run_dir is None or not any(frames):
             return
@@ -274,7 +282,7 @@ class MetaworldEvaluator:
             scale = max(1, 256 // buf[0].shape[0])  # small observations: enlarge (nearest) to watch them
             clip = [np.repeat(np.repeat(f, scale, axis=0), scale, axis=1) for f in buf]
             outcome = "success" if success[k] else "failure"
-            path = out / f"task{task:02d}_{env_task}_ep{episodes[k]}_{outcome}.mp4"
+            path = out / f"task{task:02d}_{self._task_name(task)}_ep{episodes[k]}_{outcome}.mp4"
             write_video(path, clip, fps=30)
             paths.append(path)
         run = self.wandb_run() if self.wandb_run is not None else None
@@ -282,3 +290,80 @@ class MetaworldEvaluator:
             import wandb
 
             run.log({f"videos/task_{task:02d}": [wandb.Video(str(p), format="mp4") for p in paths]})
+
+
+def _gather(parts: list[dict[str, Any]], shards: list[list[int]]) -> dict[str, Any]:
+    """Worker shards back into episode order (episode k is at row k), through nested dicts."""
+    order = np.argsort(np.concatenate(shards))
+
+    def cat(values: list[Any]) -> Any:
+        if isinstance(values[0], dict):
+            return {key: cat([v[key] for v in values]) for key in values[0]}
+        return np.concatenate(values)[order]
+
+    return cat(parts)
+
+
+class MetaworldEvaluator(ClosedLoopEvaluator):
+    """Success rates of a policy on the Meta-World tasks of a sequence."""
+
+    simulator = "Meta-World"
+
+    def __init__(
+        self,
+        env_tasks: Sequence[str],
+        instructions: Sequence[str],
+        policy_cfg: Any,
+        eval_cfg: Any,
+        *,
+        demo_seeds: dict[str, list[int]] | None = None,
+        run_dir: str | Path | None = None,
+        wandb_run: Callable[[], Any] | None = None,
+    ) -> None:
+        check_sim_settings(eval_cfg)
+        super().__init__(
+            instructions,
+            eval_cfg,
+            max_steps=int(eval_cfg.max_episode_steps or DEFAULT_EPISODE_STEPS),
+            run_dir=run_dir,
+            wandb_run=wandb_run,
+        )
+        self.env_tasks = check_task_names(env_tasks)
+        action = (policy_cfg.output_features or {}).get("action")
+        self.spec: ObservationSpec = spec_from_policy_features(
+            dict(policy_cfg.input_features or {}), action.shape if action is not None else None
+        )
+        self.single_image_key = "observation.image" in (policy_cfg.input_features or {})
+        self.seed = int(eval_cfg.seed)
+        self.seeds = [self.seed + k for k in range(self.episodes)]
+        self._check_disjoint(demo_seeds or {})
+
+    def _check_disjoint(self, demo_seeds: dict[str, list[int]]) -> None:
+        for task in self.env_tasks:
+            used = set(demo_seeds.get(task, ()))
+            clash = sorted(used.intersection(self.seeds))
+            if clash:
+                raise ConfigError(
+                    f"eval.seed={self.seeds[0]} makes evaluation episodes reuse demonstration seeds of "
+                    f"{task!r} (e.g. {clash[0]}); choose eval.seed above {max(used)}."
+                )
+
+    def _make_workers(self) -> SimWorkers:
+        return SimWorkers(self.spec, self.num_workers)
+
+    def _reset_args(self, task: int, episodes: list[int]) -> tuple:
+        return self.env_tasks[task], [self.seeds[e] for e in episodes]
+
+    def _policy_batch(self, obs: dict[str, Any], module: Any) -> dict[str, Any]:
+        from lerobot.envs.utils import preprocess_observation
+
+        batch = {k: v.to(module.device) for k, v in preprocess_observation(obs).items()}
+        if self.single_image_key:  # lerobot's one-camera key; its camera is corner2
+            batch["observation.image"] = batch.pop("observation.images.corner2")
+        return batch
+
+    def _frames(self, obs: dict[str, Any]) -> np.ndarray | None:
+        return obs["pixels"][self.spec.cameras[0]] if self.spec.cameras else None
+
+    def _task_name(self, task: int) -> str:
+        return self.env_tasks[task]

@@ -412,7 +412,13 @@ class TinyVLAPolicy(PreTrainedPolicy):
             # Under torch.func (EWC's per-sample Fisher) .item() cannot be traced; nothing logs there.
             return loss, {}
         mean_loss = loss.mean().item()
-        return loss, {"loss": mean_loss, f"{self.config.loss}_loss": mean_loss}
+        # The differentiable chunk rides along (only numbers are logged): output distillation (LwF,
+        # DER++) reads it instead of running the student a second time.
+        return loss, {
+            "loss": mean_loss,
+            f"{self.config.loss}_loss": mean_loss,
+            "action_pred": outputs["action_pred"],
+        }
 
     @torch.no_grad()
     def predict_action_chunk(self, batch: dict[str, Any], **kwargs: Any) -> Tensor:

@@ -1,0 +1,53 @@
+"""``c * sum_i w_i (theta_i - theta*_i)^2``, the penalty of EWC (w = Fisher) and SI (w = Omega), fused.
+
+Written with per-tensor operations, the penalty and its backward are ~10 small kernels per parameter
+tensor, each dispatched from Python and recorded in the autograd graph: on tiny_vla (50 tensors) that
+alone made SI 1.38x and online EWC 1.15x the time of plain fine-tuning, far above their arithmetic.
+Here one autograd node does the whole sum: the forward is four ``torch._foreach_*`` kernels over all
+tensors at once, and the backward is the known gradient ``2 c w (theta - theta*)``, one more fused
+kernel. Values and gradients are the same as the per-tensor form up to summation order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+
+class _FusedQuadratic(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx, c: float, weights: Sequence[Tensor], anchors: Sequence[Tensor], *params: Tensor
+    ) -> Tensor:
+        diff = torch._foreach_sub(list(params), list(anchors))
+        weighted = torch._foreach_mul(diff, list(weights))  # w (theta - theta*): the gradient's shape
+        torch._foreach_mul_(diff, weighted)  # w (theta - theta*)^2 >= 0 (w >= 0)
+        # The L1 norm of a non-negative tensor is its sum: one fused reduction over every tensor.
+        total = torch.stack(torch._foreach_norm(diff, 1)).sum()
+        ctx.c, ctx.weighted = c, weighted
+        return total * c
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        grads = torch._foreach_mul(ctx.weighted, grad_out * (2.0 * ctx.c))
+        ctx.weighted = None
+        return (None, None, None, *grads)
+
+
+def quadratic_penalty(
+    c: float, params: Sequence[Tensor], weights: Sequence[Tensor], anchors: Sequence[Tensor]
+) -> Tensor:
+    """``c * sum_i sum(w_i * (params_i - anchors_i)^2)``, differentiable in ``params``; ``w >= 0``.
+
+    ``weights`` and ``anchors`` must match ``params`` in shape, dtype and device (callers move their
+    state once). Falls back to per-tensor arithmetic when dtypes differ across tensors, which the fused
+    kernels do not mix.
+    """
+    if not params:
+        raise ValueError("quadratic_penalty needs at least one parameter.")
+    if len({p.dtype for p in params}) > 1:
+        terms = [(w * (p - a).square()).sum() for p, w, a in zip(params, weights, anchors, strict=True)]
+        return sum(terms[1:], terms[0]) * c
+    return _FusedQuadratic.apply(float(c), list(weights), list(anchors), *params)

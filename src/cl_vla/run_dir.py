@@ -1,0 +1,184 @@
+"""A run directory: claimed by one process at a time, and resolved from ``resume=``.
+
+A run directory holds ``run.json`` (the configuration fingerprint, written before any work),
+``config.resolved.yaml``, ``checkpoints/`` (``state.json`` pointing at the newest complete checkpoint)
+and the results. While a process writes it, it holds an exclusive ``flock`` on ``<run>/.lock``; the
+kernel drops the lock when the process dies (even by SIGKILL), so a stale lock never blocks a resume.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from cl_vla.checkpointing import (
+    STATE_FILE,
+    CheckpointError,
+    RunState,
+    atomic_write_bytes,
+    atomic_write_json,
+    read_checkpoint,
+    remove_stale_temporaries,
+)
+from cl_vla.resume_fingerprint import check_resume_config, config_fingerprint
+
+RUN_FILE = "run.json"
+LOCK_FILE = ".lock"
+
+
+def launch_rank() -> int:
+    """This process's global rank as the launcher set it (0 when not distributed). Known before any
+    process group exists, which is when the run directory is claimed."""
+    for var in ("RANK", "SLURM_PROCID"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    local, node = os.environ.get("LOCAL_RANK", "0"), os.environ.get("NODE_RANK", "0")
+    return int(local) + int(node) if local.isdigit() and node.isdigit() else 0
+
+
+class RunLock:
+    """An exclusive, non-blocking claim on a run directory for the life of this process's run."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / LOCK_FILE
+        self._f: IO[str] | None = None
+
+    def acquire(self) -> RunLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(self.path, "a+")  # noqa: SIM115  (held open until release)
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            f.close()
+            raise CheckpointError(
+                f"Run directory {str(self.path.parent)!r} is being written by another cl_vla process "
+                f"({holder}); wait for it to end or stop it, then resume."
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {os.uname().nodename}")
+        f.flush()
+        self._f = f
+        return self
+
+    def release(self) -> None:
+        if self._f is not None:
+            fcntl.flock(self._f.fileno(), fcntl.LOCK_UN)
+            self._f.close()
+            self._f = None
+
+
+@dataclass
+class ResumePoint:
+    """Where a resumed run continues: a verified checkpoint, or the beginning when it had none yet."""
+
+    run_dir: Path
+    ckpt: Path | None = None  # None: the run stopped before its first checkpoint
+    payload: dict | None = None  # the checkpoint, verified and loaded once
+    state: RunState | None = None
+    fingerprint: dict[str, Any] | None = None
+
+
+def run_dir_of(resume: str) -> Path:
+    """The run directory ``resume`` names (a run directory, or a checkpoint inside its checkpoints/)."""
+    p = Path(resume).expanduser()
+    return p.parent.parent if p.is_file() else p
+
+
+def resolve_resume(resume: str) -> ResumePoint:
+    """``resume`` = a run directory or one of its ``.ckpt`` files -> the point to continue from."""
+    p = Path(resume).expanduser()
+    if p.is_file():
+        if p.suffix != ".ckpt":
+            raise CheckpointError(f"resume={resume!r} is a file but not a .ckpt checkpoint of cl_vla.")
+        return _from_checkpoint(p.parent.parent, p)
+    if not p.is_dir():
+        raise CheckpointError(f"resume={resume!r} does not exist; give a run directory or a .ckpt file.")
+    state_file = p / "checkpoints" / STATE_FILE
+    if state_file.is_file():
+        try:
+            pointer = json.loads(state_file.read_text())
+        except json.JSONDecodeError as e:
+            raise CheckpointError(
+                f"{state_file} is corrupt ({e.msg}); resume from one of its .ckpt files instead."
+            ) from e
+        return _from_checkpoint(p, p / "checkpoints" / pointer["checkpoint"])
+    if (p / RUN_FILE).is_file():
+        # Killed before its first checkpoint: nothing was decided that a restart would decide otherwise.
+        return ResumePoint(run_dir=p, fingerprint=json.loads((p / RUN_FILE).read_text())["fingerprint"])
+    raise CheckpointError(
+        f"resume={resume!r} is not a cl_vla run directory (it has neither {RUN_FILE} nor "
+        f"checkpoints/{STATE_FILE}); give a run directory or a .ckpt file."
+    )
+
+
+def _from_checkpoint(run_dir: Path, ckpt: Path) -> ResumePoint:
+    payload = read_checkpoint(ckpt)
+    try:
+        state = RunState.from_json(json.loads(payload["cl_vla"]["state"]))
+    except (KeyError, TypeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"Checkpoint {str(ckpt)!r} holds no readable cl_vla run state.") from e
+    return ResumePoint(run_dir, ckpt=ckpt, payload=payload, state=state, fingerprint=state.fingerprint)
+
+
+def refuse_existing_run(run_dir: Path) -> None:
+    """A new run never writes into a folder that already holds one (it would replace its run.json,
+    config and, later, checkpoints and results)."""
+    if (run_dir / RUN_FILE).is_file() or (run_dir / "checkpoints" / STATE_FILE).is_file():
+        raise CheckpointError(
+            f"Output folder {str(run_dir)!r} already holds a cl_vla run; continue it with "
+            f"resume={str(run_dir)!r} or choose another folder (hydra.run.dir=<dir>)."
+        )
+
+
+@dataclass
+class RunHandle:
+    """The run directory this process writes, claimed, with where to start in it."""
+
+    run_dir: Path
+    fingerprint: dict[str, Any]
+    resume: ResumePoint | None
+    lock: RunLock | None
+
+    def close(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+
+
+def open_run(cfg: DictConfig, claim: bool = True) -> RunHandle:
+    """Check a resume against the run's fingerprint, then (``claim``, rank 0) lock the run directory,
+    clear what a killed writer left and record the fingerprint. Cheap: runs before any data is read or
+    any model is built; a dry run only checks."""
+    fingerprint = config_fingerprint(cfg)
+    point = resolve_resume(cfg.resume) if cfg.resume else None
+    if point is not None and point.fingerprint is not None:
+        check_resume_config(point.fingerprint, cfg, cfg.resume)
+    if not claim:
+        return RunHandle(
+            run_dir=point.run_dir if point else Path("."), fingerprint=fingerprint, resume=point, lock=None
+        )
+    run_dir = point.run_dir if point else Path(cfg.output_dir)
+    if point is None and launch_rank() == 0:
+        refuse_existing_run(run_dir)
+    lock = RunLock(run_dir).acquire() if launch_rank() == 0 else None
+    try:
+        if lock is not None:
+            for folder in (run_dir, run_dir / "checkpoints"):
+                remove_stale_temporaries(folder)
+            if point is None or point.ckpt is None:
+                atomic_write_json(run_dir / RUN_FILE, {"fingerprint": fingerprint})
+                text = OmegaConf.to_yaml(cfg, resolve=True)
+                atomic_write_bytes(run_dir / "config.resolved.yaml", text.encode())
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    return RunHandle(run_dir=run_dir, fingerprint=fingerprint, resume=point, lock=lock)

@@ -1,0 +1,130 @@
+"""The resume fingerprint covers every setting of the composed config except the documented allowed list.
+
+The settings are generated from the composed schema (the structured ``Config`` plus every
+``conf/algorithm`` choice's own keys), not from a hand-kept list: changing any fingerprinted one must be
+refused naming the key and both values; changing any allowed one must pass.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from omegaconf import OmegaConf
+
+from cl_vla.cli import validate_config
+from cl_vla.resume_fingerprint import (
+    MAY_CHANGE_ON_RESUME,
+    ResumeMismatch,
+    check_resume_config,
+    config_fingerprint,
+    flatten,
+    may_change_on_resume,
+)
+from conftest import CONF_DIR
+
+ALGORITHMS = sorted(p.stem for p in (CONF_DIR / "algorithm").glob("*.yaml"))
+
+
+def _compose(*overrides: str):
+    from hydra import compose, initialize_config_dir
+
+    from cl_vla.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[*overrides, "output_dir=/tmp/x"])
+    return validate_config(cfg)
+
+
+def _changed(value: Any) -> Any:
+    """A different value of the same kind."""
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int):
+        return value + 1
+    if isinstance(value, float):
+        return value * 2 + 0.125
+    if isinstance(value, str):
+        return value + "_changed"
+    if isinstance(value, list):
+        return [*value, "extra"]
+    if isinstance(value, dict):
+        return {**value, "extra": 1}
+    return "changed"  # None
+
+
+def _with(cfg, key: str, value: Any):
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    node = plain
+    *parents, leaf = key.split(".")
+    for p in parents:
+        node = node[p]
+    node[leaf] = value
+    return OmegaConf.create(plain)
+
+
+def _settings(cfg) -> list[str]:
+    return sorted(flatten(OmegaConf.to_container(cfg, resolve=True)))
+
+
+@pytest.fixture(scope="module", params=ALGORITHMS)
+def composed(request):
+    return _compose(f"algorithm={request.param}")
+
+
+def test_every_fingerprinted_setting_refuses_a_change(composed):
+    saved = config_fingerprint(composed)
+    keys = [k for k in _settings(composed) if not may_change_on_resume(k)]
+    assert {"model.image_size", "data.heldout_fraction", "algorithm._target_", "seed"} <= set(keys)
+    for key in keys:
+        old = _leaf(composed, key)
+        new = _changed(old)
+        with pytest.raises(ResumeMismatch) as info:
+            check_resume_config(saved, _with(composed, key, new), "run")
+        msg = str(info.value)
+        assert f" {key}=" in msg and "\n" not in msg, key
+        assert msg.count(f"{key}=") == 2, (key, old, msg)  # both values named
+
+
+def _leaf(cfg, key: str) -> Any:
+    node: Any = OmegaConf.to_container(cfg, resolve=True)
+    for p in key.split("."):
+        node = node[p]
+    return node
+
+
+def test_every_allowed_setting_may_change(composed):
+    saved = config_fingerprint(composed)
+    allowed = [k for k in _settings(composed) if may_change_on_resume(k)]
+    # Each documented entry matches at least one real setting (no stale names in the allowed list).
+    for entry in MAY_CHANGE_ON_RESUME:
+        assert any(k == entry or k.startswith(entry + ".") for k in allowed), entry
+    changed = composed
+    for key in allowed:
+        check_resume_config(saved, _with(composed, key, _changed(_leaf(composed, key))), "run")
+        changed = _with(changed, key, _changed(_leaf(changed, key)))
+    check_resume_config(saved, changed, "run")  # all of them at once
+
+
+def test_schema_fields_are_all_in_the_fingerprint_or_allowed():
+    """Every field of the structured schema shows up as a setting (nothing is silently left out)."""
+    import dataclasses
+    import typing
+
+    from cl_vla.config import Config
+
+    keys = set(_settings(_compose()))
+
+    def walk(cls, prefix=""):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            kind = hints[f.name]
+            if dataclasses.is_dataclass(kind):
+                yield from walk(kind, prefix + f.name + ".")
+            else:
+                yield prefix + f.name
+
+    open_groups = {"algorithm", "model"}  # open mappings: their keys come from each choice's YAML
+    for name in set(walk(Config)) - open_groups:
+        assert name in keys or any(k.startswith(name + ".") for k in keys), name

@@ -1,0 +1,326 @@
+"""A run never loses or corrupts work: bad inputs and damaged or busy run directories are refused in one
+sentence, with a non-zero exit, and leave every file of earlier runs as it was (digests before/after).
+
+Bad-input kinds covered here: a damaged checkpoint, a resume that changes a fingerprinted setting
+(two examples; every setting in tests/test_resume_fingerprint.py), data=local with a missing folder, a
+local dataset missing a metadata file, a GPU trainer without a GPU, an output folder that cannot be
+made, a run directory another process writes, and a run killed before its first checkpoint (which is
+restarted rather than refused).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cl_vla.cli import run_main
+from conftest import CONF_DIR, in_process_overrides, last_line, run_train, train_in_process
+
+pytestmark = pytest.mark.slow
+
+STEPS = 6
+
+
+def _overrides(synthetic_libero) -> list[str]:
+    root, repo_id, _ = synthetic_libero
+    return [
+        *in_process_overrides("er", root, repo_id, "integrity2", STEPS),
+        "trainer.warmup_steps=2",
+        "trainer.checkpoint_every_n_steps=3",
+    ]
+
+
+def _compose(*overrides: str):
+    from hydra import compose, initialize_config_dir
+
+    from cl_vla.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def _resumed(overrides: list[str], out_dir: Path) -> dict:
+    """Resume in this process; returns the resumed run's results.json (written in the original run dir)."""
+    from cl_vla.in_process import run_in_process
+
+    return run_in_process(overrides, out_dir)[0]
+
+
+def tree_digest(folder: Path) -> dict[str, str]:
+    """sha256 of every file under ``folder``, by relative path."""
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def finished_run(synthetic_libero, tmp_path_factory) -> Path:
+    """One uninterrupted 2-task ER run (mid-task checkpoints every 3 steps). Tests copy it before use."""
+    run_dir = tmp_path_factory.mktemp("integrity") / "run"
+    train_in_process(_overrides(synthetic_libero), run_dir)
+    return run_dir
+
+
+@pytest.fixture
+def run_copy(finished_run, tmp_path) -> Path:
+    dst = tmp_path / "run"
+    shutil.copytree(finished_run, dst)
+    return dst
+
+
+def _refused(capsys, *overrides: str) -> str:
+    """Run ``train.py``'s body in this process; it must exit 2 with one sentence. Returns the sentence."""
+    with pytest.raises(SystemExit) as info:
+        run_main(_compose(*overrides))
+    assert info.value.code == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+def _flip_inside_largest_tensor(ckpt: Path, n: int = 64) -> None:
+    """Flip ``n`` bytes in the middle of the largest tensor record of a torch zip checkpoint."""
+    import zipfile
+
+    with zipfile.ZipFile(ckpt) as z:
+        info = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    raw = bytearray(ckpt.read_bytes())
+    name_len, extra_len = (
+        int.from_bytes(raw[info.header_offset + 26 : info.header_offset + 28], "little"),
+        (int.from_bytes(raw[info.header_offset + 28 : info.header_offset + 30], "little")),
+    )
+    start = info.header_offset + 30 + name_len + extra_len + info.file_size // 2
+    for i in range(start, start + n):
+        raw[i] ^= 0xFF
+    ckpt.write_bytes(bytes(raw))
+
+
+# ---- 2: a damaged checkpoint --------------------------------------------------------------------------
+
+
+def test_flipped_checkpoint_is_refused_and_earlier_one_still_resumes(
+    synthetic_libero, finished_run, run_copy, capsys, tmp_path
+):
+    ckpt = run_copy / "checkpoints" / "task_01.ckpt"
+    _flip_inside_largest_tensor(ckpt)
+    before = tree_digest(run_copy)
+    line = _refused(capsys, *_overrides(synthetic_libero), f"output_dir={tmp_path / 'o'}", f"resume={ckpt}")
+    assert "task_01.ckpt" in line and "damaged or altered" in line and "task_00.ckpt" in line
+    assert tree_digest(run_copy) == before
+
+    # The earlier checkpoint is intact: resuming from it ends where the uninterrupted run ended.
+    resumed = _resumed(
+        [*_overrides(synthetic_libero), f"resume={run_copy / 'checkpoints' / 'task_00.ckpt'}"],
+        tmp_path / "o2",
+    )
+    ref = json.loads((finished_run / "results.json").read_text())
+    np.testing.assert_allclose(np.array(resumed["matrix"]), np.array(ref["matrix"]), rtol=0, atol=1e-6)
+
+
+# ---- 3: a resume that changes what is trained or evaluated ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("override", "key", "was", "now"),
+    [
+        ("model.image_size=32", "model.image_size", "16", "32"),
+        ("data.heldout_fraction=0.5", "data.heldout_fraction", "0.3", "0.5"),
+    ],
+)
+def test_resume_with_changed_setting_is_refused(
+    synthetic_libero, run_copy, capsys, tmp_path, override, key, was, now
+):
+    before = tree_digest(run_copy)
+    line = _refused(
+        capsys, *_overrides(synthetic_libero), override, f"output_dir={tmp_path / 'o'}", f"resume={run_copy}"
+    )
+    assert f"{key}={was}" in line and f"{key}={now}" in line
+    assert tree_digest(run_copy) == before
+
+
+# ---- 4 / 5: local datasets -----------------------------------------------------------------------------
+
+
+def test_local_dataset_folder_missing_is_refused_and_nothing_written(capsys, tmp_path):
+    missing = tmp_path / "no_such_dataset"
+    # experiment=smoke sets data.synthetic.*: it must not turn data=local into a synthetic dataset.
+    line = _refused(
+        capsys, "experiment=smoke", "data=local", f"data.root={missing}", f"output_dir={tmp_path / 'o'}"
+    )
+    assert str(missing) in line and "does not exist" in line
+    assert not missing.exists()
+
+
+def test_local_dataset_missing_tasks_parquet_is_named(synthetic_libero, capsys, tmp_path):
+    root, _, _ = synthetic_libero
+    damaged = tmp_path / "ds"
+    shutil.copytree(root, damaged)
+    (damaged / "meta" / "tasks.parquet").unlink()
+    before = tree_digest(damaged)
+    line = _refused(capsys, "data=local", f"data.root={damaged}", f"output_dir={tmp_path / 'o'}")
+    assert "meta/tasks.parquet" in line and "hub" not in line.lower()
+    assert tree_digest(damaged) == before
+
+
+# ---- 6: a GPU trainer without a GPU --------------------------------------------------------------------
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_gpu_trainer_without_gpu_is_refused_before_any_work(capsys, tmp_path):
+    data_root = tmp_path / "would_be_written"
+    line = _refused(capsys, "trainer=gpu", f"data.root={data_root}", f"output_dir={tmp_path / 'o'}")
+    assert "trainer.accelerator='gpu'" in line and "trainer=cpu" in line
+    assert not data_root.exists()  # refused before the synthetic dataset was written
+
+
+# ---- 7: an output folder that cannot be made -----------------------------------------------------------
+
+
+def test_output_dir_under_a_file_is_one_sentence(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    proc = run_train(["experiment=smoke", f"hydra.run.dir={blocker / 'run'}"], timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    line = last_line(proc.stderr)
+    assert line.startswith("error: hydra.run.dir=") and "cannot be created" in line
+    assert blocker.read_text() == "not a folder"
+
+
+# ---- 8: two processes on one run directory -------------------------------------------------------------
+
+
+def test_resume_of_a_run_another_process_writes_is_refused(synthetic_libero, run_copy, capsys, tmp_path):
+    from cl_vla.run_dir import RunLock
+
+    before = tree_digest(run_copy)
+    held = RunLock(run_copy).acquire()  # stands for a first resume still running
+    try:
+        line = _refused(
+            capsys, *_overrides(synthetic_libero), f"output_dir={tmp_path / 'o'}", f"resume={run_copy}"
+        )
+    finally:
+        held.release()
+    assert "being written by another cl_vla process" in line and f"pid {os.getpid()}" in line
+    after = tree_digest(run_copy)
+    assert {k: v for k, v in after.items() if k != ".lock"} == {
+        k: v for k, v in before.items() if k != ".lock"
+    }
+
+
+# ---- 9: killed before the first checkpoint -------------------------------------------------------------
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def test_run_killed_before_first_checkpoint_restarts_from_the_beginning(
+    synthetic_libero, finished_run, tmp_path
+):
+    from cl_vla.in_process import run_in_process
+
+    def crash_at_first_step(algorithm) -> None:
+        def observe(batch, **kwargs):
+            raise Crash("killed before the first checkpoint")
+
+        algorithm.observe = observe
+
+    cut = tmp_path / "cut"
+    with pytest.raises(Crash):
+        run_in_process(_overrides(synthetic_libero), cut, algorithm_hook=crash_at_first_step)
+    assert (cut / "run.json").is_file() and not (cut / "checkpoints" / "state.json").exists()
+
+    resumed = _resumed([*_overrides(synthetic_libero), f"resume={cut}"], tmp_path / "o")
+    ref = json.loads((finished_run / "results.json").read_text())
+    np.testing.assert_allclose(np.array(resumed["matrix"]), np.array(ref["matrix"]), rtol=0, atol=1e-6)
+
+
+def test_resume_of_a_folder_that_is_no_run_says_so(synthetic_libero, capsys, tmp_path):
+    empty = tmp_path / "not_a_run"
+    empty.mkdir()
+    line = _refused(capsys, *_overrides(synthetic_libero), f"output_dir={tmp_path / 'o'}", f"resume={empty}")
+    assert "is not a cl_vla run directory" in line
+
+
+# ---- 10 / 11: a mid-task resume in a real process ------------------------------------------------------
+
+
+def test_mid_task_resume_cleans_temporaries_reads_once_and_reports_run_dir(
+    synthetic_libero, finished_run, run_copy, tmp_path
+):
+    """Resume from the mid-task checkpoint of task 1 (step 3): a stale 0-byte temporary from a kill during
+    a write is removed, Lightning's 'unreliable results' warning is not shown (ours are exact), every
+    Lightning line is printed once, the run directory is the last line, and R equals the original's."""
+    ckpts = run_copy / "checkpoints"
+    stale = ckpts / ".last.ckpt.tmp99999"
+    stale.write_bytes(b"")
+    proc = run_train([*_overrides(synthetic_libero), f"resume={ckpts / 'last.ckpt'}"], timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not stale.exists()
+    out = proc.stdout + proc.stderr
+    assert "ended before the epoch ended" not in out
+    assert out.count("`Trainer.fit` stopped: `max_steps=12` reached.") == 1
+    assert last_line(proc.stdout) == f"run directory: {run_copy}"
+    r = json.loads((run_copy / "results.json").read_text())["matrix"]
+    ref = json.loads((finished_run / "results.json").read_text())["matrix"]
+    np.testing.assert_allclose(np.array(r), np.array(ref), rtol=0, atol=1e-6)
+
+
+def test_resume_loads_the_checkpoint_once(synthetic_libero, run_copy, tmp_path, monkeypatch):
+    import cl_vla.checkpointing as ckpt_mod
+
+    loads: list[str] = []
+    real_load = torch.load
+
+    def counting_load(f, *args, **kwargs):
+        loads.append(str(f))
+        return real_load(f, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt_mod.torch, "load", counting_load)
+    _resumed([*_overrides(synthetic_libero), f"resume={run_copy / 'checkpoints' / 'last.ckpt'}"], tmp_path)
+    assert [Path(p).name for p in loads] == ["last.ckpt"]
+
+
+def test_checkpoint_write_is_durable_and_digested(tmp_path, monkeypatch):
+    from cl_vla.checkpointing import file_sha256, recorded_digests, write_checkpoint
+
+    synced: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
+    path = tmp_path / "x.ckpt"
+    write_checkpoint({"w": torch.arange(10.0), "cl_vla": {"state": "{}"}}, path)
+    # The file, the sidecar (twice) and the folder after each rename.
+    assert len(synced) >= 4
+    assert recorded_digests(path) == [file_sha256(path)]
+    assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_new_run_into_an_existing_run_folder_is_refused(synthetic_libero, run_copy, capsys):
+    before = tree_digest(run_copy)
+    line = _refused(capsys, *_overrides(synthetic_libero), f"output_dir={run_copy}")
+    assert "already holds a cl_vla run" in line and f"resume='{run_copy}'" in line
+    assert tree_digest(run_copy) == before
+
+
+def test_truncated_checkpoint_without_digest_is_called_corrupt(finished_run, tmp_path, capsys):
+    """A checkpoint from before digests existed (no sidecar) is still checked by loading it."""
+    from cl_vla.checkpointing import CheckpointError, digest_path, read_checkpoint
+
+    ckpt = tmp_path / "task_00.ckpt"
+    good = (finished_run / "checkpoints" / "task_00.ckpt").read_bytes()
+    ckpt.write_bytes(good[: len(good) // 3])
+    assert not digest_path(ckpt).exists()
+    with pytest.raises(CheckpointError, match="is corrupt or not a cl_vla checkpoint"):
+        read_checkpoint(ckpt)
+    assert "has no .sha256 digest" in capsys.readouterr().err
