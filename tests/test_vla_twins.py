@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from cl_vla.errors import ConfigError, DataError
-from conftest import in_process_overrides, last_line, run_train
+from conftest import in_process_overrides, last_line
 
 TWINS = ("smolvla_tiny", "pi0_tiny", "pi05_tiny", "groot_tiny")
 
@@ -184,14 +184,27 @@ def test_dataset_lacking_a_camera_the_model_expects_is_one_sentence(synthetic_li
         check_vla_features(policy_cfg, no_state, "no_state", saved=False)
 
 
-def test_tokenizer_not_found_offline_stops_train_py_with_one_sentence(synthetic_libero):
-    """The real pi0 (no twin) offline: its hub tokenizer is absent, so train.py refuses before
-    building a 3 B-parameter model, with exit code 2 and one line."""
+def test_tokenizer_not_found_offline_stops_train_py_with_one_sentence(synthetic_libero, tmp_path, capsys):
+    """The real pi0 (no twin) offline: its hub tokenizer is absent, so train.py's body refuses before
+    building a 4 B-parameter model, with exit code 2 and one line."""
+    from hydra import compose, initialize_config_dir
+
+    from cl_vla.cli import run_main
+    from cl_vla.config import register_configs
+    from conftest import CONF_DIR
+
     root, repo_id, _ = synthetic_libero
     overrides = in_process_overrides("er", root, repo_id, "tok2", 2, model="pi0")
-    proc = run_train([o for o in overrides if o != "eval.max_batches=2"] + ["model.pretrained_path=null"])
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    line = last_line(proc.stderr)
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(
+            "config", overrides=[*overrides, "model.pretrained_path=null", f"output_dir={tmp_path}"]
+        )
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(cfg)
+    assert exit_info.value.code == 2
+    line = last_line(capsys.readouterr().err)
+    assert line.startswith("error: ") and "\n" not in line
     assert "needs the tokenizer 'google/paligemma-3b-pt-224'" in line and "model=pi0_tiny" in line
 
 
