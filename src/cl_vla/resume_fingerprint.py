@@ -30,6 +30,7 @@ MAY_CHANGE_ON_RESUME: dict[str, str] = {
     "trainer.log_every_n_steps": "logging frequency",
     "trainer.checkpoint_every_n_steps": "when checkpoints are written, not what is trained",
     "continual_learning.save_checkpoint_per_task": "which checkpoints are kept",
+    "continual_learning.export_per_task": "whether each task's policy is also written in lerobot's format",
     "data.num_workers": "loader processes; batches are drawn by index in the main process",
     "data.root": "where the same dataset is read from (a moved copy)",
     "data.video_backend": "which decoder reads the same frames",
