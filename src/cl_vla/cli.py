@@ -102,8 +102,11 @@ def prepare_data(cfg: DictConfig, policy_type_cfg: Any | None = None):
     from cl_vla.data.streams import build_continual_data, ensure_synthetic, open_dataset
     from cl_vla.data.task_sequences import TaskSequence
     from cl_vla.data.windows import WindowedDataset, split_deltas
+    from cl_vla.data.multi_source import is_cross_dataset, prepare_cross_data
     from cl_vla.models import build_policy_config
 
+    if is_cross_dataset(cfg.task_sequence):  # each task names its own dataset
+        return prepare_cross_data(cfg, _device(cfg))
     seq = TaskSequence.from_mapping(OmegaConf.to_container(cfg.task_sequence, resolve=True))
     # Only a synthetic / metaworld source writes data: an experiment preset's `data.synthetic` settings
     # must never turn data=local into a freshly written synthetic dataset.

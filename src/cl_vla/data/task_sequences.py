@@ -190,8 +190,12 @@ def episode_frame_ranges(dataset: Any) -> dict[int, tuple[int, int]]:
     """``episode -> (start, stop)`` positions of its frames in ``dataset`` (as ``dataset[i]`` indexes).
 
     A LeRobotDataset opened on a subset of episodes indexes its frames by position in that subset,
-    not by the global ``index``; this accounts for that.
+    not by the global ``index``; this accounts for that. Several datasets behind one index space
+    (:class:`cl_vla.data.multi_source.MultiSourceDataset`) answer for themselves.
     """
+    own = getattr(dataset, "episode_frame_ranges", None)
+    if callable(own):
+        return own()
     rows = _episodes_table(dataset.meta)
     selected = getattr(dataset, "episodes", None)
     if selected is None:
