@@ -99,10 +99,10 @@ def prepare_data(cfg: DictConfig, policy_type_cfg: Any | None = None):
     from lerobot.datasets.dataset_metadata import LeRobotDatasetMetadata
     from lerobot.datasets.factory import resolve_delta_timestamps
 
+    from cl_vla.data.multi_source import is_cross_dataset, prepare_cross_data
     from cl_vla.data.streams import build_continual_data, ensure_synthetic, open_dataset
     from cl_vla.data.task_sequences import TaskSequence
     from cl_vla.data.windows import WindowedDataset, split_deltas
-    from cl_vla.data.multi_source import is_cross_dataset, prepare_cross_data
     from cl_vla.models import build_policy_config
 
     if is_cross_dataset(cfg.task_sequence):  # each task names its own dataset

@@ -10,6 +10,7 @@ A cross-dataset sequence lists its datasets under ``task_sequence.datasets`` (na
       - {dataset: pick}                                     # every episode of the dataset
       - {dataset: stack, instruction: stack the red cube}   # the episodes of one instruction
       - {dataset: stack, tasks: [a, b]}                     # a group: one task per instruction
+      - {dataset: spatial, sequence: libero_spatial}        # a group: a shipped sequence's tasks
 
 The datasets are aligned to one feature space (the first dataset's, after renaming; cameras resized
 to one size) and concatenated behind one index space: global index = offset of its dataset + local
@@ -116,12 +117,17 @@ def parse_cross_sequence(node: Mapping[str, Any]) -> CrossSequence:
                 f"Task {i} of sequence {name!r} names dataset={ds!r}; choose {one_of(known)} "
                 "(the keys of task_sequence.datasets)."
             )
-        unknown = set(entry) - {"dataset", "instruction", "instructions", "tasks", "name", "env_task"}
+        unknown = set(entry) - {"dataset", "instruction", "instructions", "tasks", "sequence", "name", "env_task"}
         if unknown:
             raise ConfigError(
                 f"Task {i} of sequence {name!r} has key(s) {sorted(unknown)}; allowed: dataset, instruction, "
-                "instructions, tasks (a group), name, env_task."
+                "instructions, tasks or sequence (a group), name, env_task."
             )
+        if "sequence" in entry:  # a group: the tasks of a shipped sequence (conf/task_sequence/<name>)
+            from cl_vla.data.task_sequences import get_task_sequence
+
+            shipped = get_task_sequence(str(entry["sequence"]))
+            entry = {**entry, "tasks": list(shipped.tasks), "env_task": entry.get("env_task") or shipped.env_tasks}
         if "tasks" in entry:  # a group: one task per instruction, all from the same dataset
             envs = entry.get("env_task") or [None] * len(entry["tasks"])
             for ref, env in zip(entry["tasks"], envs, strict=True):
@@ -225,8 +231,8 @@ def feature_space(
             if tuple(have["shape"]) != tuple(want["shape"]):
                 raise DataError(
                     f"Dataset {spec.name!r} ({spec.repo_id}) has {key!r} of shape {list(have['shape'])} but "
-                    f"{specs[0].name!r} of shape {list(want['shape'])}; a policy has one {key} width, so these "
-                    "datasets cannot share a sequence."
+                    f"{specs[0].name!r} of shape {list(want['shape'])}; a policy has one {key} width, so "
+                    "these datasets cannot share a sequence."
                 )
             a, b = _names(have), _names(want)
             if a is not None and b is not None and a != b:

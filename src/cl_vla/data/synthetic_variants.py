@@ -37,7 +37,8 @@ def write_renamed_copy(
         return dst_root
     if dst_root.exists() and not marker.is_file():
         raise DataError(
-            f"{str(dst_root)!r} holds files not written by cl_vla, so it is not overwritten; choose another root."
+            f"{str(dst_root)!r} holds files not written by cl_vla, so it is not overwritten; "
+            "choose another root."
         )
     src = LeRobotDataset(repo_id + "_source", root=src_root)
     bad = [k for k in rename if k not in src.meta.features]
@@ -54,7 +55,7 @@ def write_renamed_copy(
             out.save_episode()
         episode = int(item["episode_index"])
         frame = {"task": item["task"]}
-        for key in features.keys():
+        for key in features:
             old = next((k for k, v in rename.items() if v == key), key)
             value = item[old].numpy()
             if src.meta.features[old]["dtype"] in ("image", "video"):  # float CHW in [0, 1] -> uint8 HWC

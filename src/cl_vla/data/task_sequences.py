@@ -87,8 +87,10 @@ def _registry() -> dict[str, TaskSequence]:
     reg: dict[str, TaskSequence] = {}
     for path in sorted((conf_dir() / "task_sequence").glob("*.yaml")):
         node = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(node.get("tasks"), list):
-            continue  # templates (custom.yaml: `tasks: ???`) and aliases built by a defaults list
+        if not isinstance(node.get("tasks"), list) or node.get("datasets"):
+            # templates (custom.yaml: `tasks: ???`), aliases built by a defaults list, and sequences
+            # across datasets (their tasks are mappings: cl_vla.data.multi_source)
+            continue
         seq = TaskSequence.from_mapping(node, default_name=path.stem)
         for key in (seq.name, *seq.aliases):
             reg[key] = seq
