@@ -37,6 +37,7 @@ from cl_vla.errors import ConfigError, DataError, one_of
 # Keys every LeRobot frame carries; renumbered into the global spaces, never renamed.
 INDEX_KEYS = ("index", "episode_index", "task_index", "frame_index", "timestamp")
 FPS_RULES = ("same", "own_frames")
+_TASK_KEYS = {"dataset", "instruction", "instructions", "tasks", "sequence", "name", "env_task"}
 
 
 @dataclass(frozen=True)
@@ -117,7 +118,7 @@ def parse_cross_sequence(node: Mapping[str, Any]) -> CrossSequence:
                 f"Task {i} of sequence {name!r} names dataset={ds!r}; choose {one_of(known)} "
                 "(the keys of task_sequence.datasets)."
             )
-        unknown = set(entry) - {"dataset", "instruction", "instructions", "tasks", "sequence", "name", "env_task"}
+        unknown = set(entry) - _TASK_KEYS
         if unknown:
             raise ConfigError(
                 f"Task {i} of sequence {name!r} has key(s) {sorted(unknown)}; allowed: dataset, instruction, "
@@ -127,7 +128,8 @@ def parse_cross_sequence(node: Mapping[str, Any]) -> CrossSequence:
             from cl_vla.data.task_sequences import get_task_sequence
 
             shipped = get_task_sequence(str(entry["sequence"]))
-            entry = {**entry, "tasks": list(shipped.tasks), "env_task": entry.get("env_task") or shipped.env_tasks}
+            env = entry.get("env_task") or shipped.env_tasks
+            entry = {**entry, "tasks": list(shipped.tasks), "env_task": env}
         if "tasks" in entry:  # a group: one task per instruction, all from the same dataset
             envs = entry.get("env_task") or [None] * len(entry["tasks"])
             for ref, env in zip(entry["tasks"], envs, strict=True):
