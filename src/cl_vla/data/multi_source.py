@@ -388,6 +388,7 @@ def ensure_synthetic_sources(data_cfg: Any, seq: CrossSequence) -> dict[str, tup
     different datasets still demand different actions; a task selects its instruction inside its
     dataset as with real data.
     """
+    import datasets
     from omegaconf import OmegaConf
 
     from cl_vla.data.synthetic import SyntheticSpec, write_synthetic_dataset
@@ -399,6 +400,7 @@ def ensure_synthetic_sources(data_cfg: Any, seq: CrossSequence) -> dict[str, tup
             f"data=synthetic writes a dataset per instruction, but sequence {seq.name!r} selects a task by "
             "index or by its whole dataset; name each task's instruction, or read real data (data=local)."
         )
+    datasets.disable_progress_bars()  # lerobot's writer shows one "Map" bar per episode otherwise
     base = data_cfg.synthetic
     base = OmegaConf.to_container(base, resolve=True) if OmegaConf.is_config(base) else dict(base)
     out = {}
