@@ -34,7 +34,8 @@ def validate_config(cfg: DictConfig) -> DictConfig:
     NormalizationChoice.parse(cfg.data.normalization)
     if cfg.data.source not in DATA_SOURCES:
         raise ConfigError(f"data.source={cfg.data.source!r} is not allowed; choose {one_of(DATA_SOURCES)}.")
-    if cfg.data.root is None and str(cfg.data.repo_id).startswith("local/"):
+    cross = bool(cfg.task_sequence.get("datasets"))  # its datasets give their own roots
+    if cfg.data.root is None and str(cfg.data.repo_id).startswith("local/") and not cross:
         raise ConfigError(
             "data.root is not set; data=local reads a LeRobot dataset from disk: "
             "give data.root=<dataset directory> (the one holding meta/info.json)."
