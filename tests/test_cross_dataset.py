@@ -235,3 +235,23 @@ def test_cross_suite_libero_recipe_composes_and_fails_offline_in_one_sentence(tm
     msg = str(info.value)
     assert "IPEC-COMMUNITY/libero_spatial_no_noops_1.0.0_lerobot" in msg
     assert "task_sequence.datasets.spatial.root" in msg and "\n" not in msg
+
+
+def test_env_tasks_pair_with_the_expanded_tasks() -> None:
+    from cl_vla.data.multi_source import parse_cross_sequence
+    from cl_vla.errors import ConfigError
+
+    node = {
+        "name": "mw_two",
+        "datasets": {"a": {"repo_id": "me/a"}, "b": {"repo_id": "me/b"}},
+        "tasks": [{"dataset": "a", "tasks": ["reach", "push"]}, {"dataset": "b", "instruction": "pick"}],
+        "env_tasks": ["reach-v3", "push-v3", "pick-place-v3"],
+    }
+    seq = parse_cross_sequence(node).as_task_sequence("metaworld")
+    assert seq.tasks == ("reach", "push", "pick") and seq.env_tasks == (
+        "reach-v3",
+        "push-v3",
+        "pick-place-v3",
+    )
+    with pytest.raises(ConfigError, match="3 tasks but 2 env_tasks"):
+        parse_cross_sequence({**node, "env_tasks": ["reach-v3", "push-v3"]})

@@ -142,6 +142,15 @@ def parse_cross_sequence(node: Mapping[str, Any]) -> CrossSequence:
         )
     if not tasks:
         raise ConfigError(f"Task sequence {name!r} has no tasks; give at least one.")
+    env_tasks = node.get("env_tasks")
+    if env_tasks:  # the simulator's task of each (expanded) task, as in a one-dataset sequence
+        if len(env_tasks) != len(tasks):
+            raise ConfigError(
+                f"Sequence {name!r} has {len(tasks)} tasks but {len(env_tasks)} env_tasks; they must pair "
+                "one to one."
+            )
+        pairs = zip(tasks, env_tasks, strict=True)
+        tasks = [SourceTask(t.dataset, t.select, t.name, t.env_task or e) for t, e in pairs]
     rule = str(node.get("fps_rule") or "same")
     if rule not in FPS_RULES:
         raise ConfigError(
