@@ -255,3 +255,32 @@ def test_env_tasks_pair_with_the_expanded_tasks() -> None:
     )
     with pytest.raises(ConfigError, match="3 tasks but 2 env_tasks"):
         parse_cross_sequence({**node, "env_tasks": ["reach-v3", "push-v3"]})
+
+
+def test_a_cross_dataset_sequence_is_given_on_the_command_line(tmp_path: Path) -> None:
+    from hydra import compose, initialize_config_dir
+
+    from cl_vla.cli import validate_config
+    from cl_vla.config import register_configs
+    from cl_vla.data.multi_source import parse_cross_sequence
+    from cl_vla.paths import conf_dir
+
+    register_configs()
+    overrides = [
+        "task_sequence=custom",
+        "task_sequence.name=mine",
+        "+task_sequence.datasets.pick={repo_id: me/so101_pick, root: /data/pick}",
+        "+task_sequence.datasets.stack={repo_id: me/so101_stack, "
+        "rename: {observation.images.top: observation.images.front}}",
+        "task_sequence.tasks=[{dataset: pick}, {dataset: stack, instruction: 'stack the red cube'}]",
+        f"output_dir={tmp_path}",
+    ]
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        cfg = validate_config(compose("config", overrides=overrides))
+    seq = parse_cross_sequence(cfg.task_sequence)
+    assert [(t.dataset, t.select, t.name) for t in seq.tasks] == [
+        ("pick", (), "pick"),
+        ("stack", ("stack the red cube",), "stack the red cube"),
+    ]
+    assert seq.source("pick").root == "/data/pick"
+    assert seq.source("stack").rename == {"observation.images.top": "observation.images.front"}

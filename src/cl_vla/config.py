@@ -22,19 +22,6 @@ from cl_vla.errors import ConfigError
 
 
 @dataclass
-class SequenceDatasetConfig:
-    """``task_sequence.datasets.<name>``: one LeRobot dataset a cross-dataset sequence reads from."""
-
-    repo_id: str = MISSING
-    root: str | None = None  # a local copy; None: lerobot's cache / a hub download where reachable
-    # dataset feature -> the policy's feature name (null: leave that feature out of every batch)
-    rename: dict[str, str | None] = field(default_factory=dict)
-    # data=synthetic only: settings of this dataset's writer over data.synthetic's (image_size, seed),
-    # and `features`, a rename from LIBERO's names to the ones this stand-in dataset is written with
-    synthetic: dict[str, Any] | None = None
-
-
-@dataclass
 class TaskSequenceConfig:
     name: str = MISSING
     # In training order: instruction strings or dataset task indices (one dataset: data.*), or, when
@@ -45,8 +32,10 @@ class TaskSequenceConfig:
     env_tasks: list[str] | None = None  # the simulator's task names, paired with `tasks`
     aliases: list[str] = field(default_factory=list)
     description: str = ""
-    # Cross-dataset sequences: the datasets the tasks name. Empty: every task comes from data.*.
-    datasets: dict[str, SequenceDatasetConfig] = field(default_factory=dict)
+    # Cross-dataset sequences: the datasets the tasks name, name -> {repo_id, root, rename, synthetic}
+    # (checked in cl_vla.data.multi_source, so `+task_sequence.datasets.x={...}` works on the command
+    # line). Empty: every task comes from data.*.
+    datasets: dict[str, Any] = field(default_factory=dict)
     image_size: list[int] | None = None  # [height, width] every camera is resized to; None: the first's
     fps_rule: str = "same"  # same: refuse datasets of different fps | own_frames: windows in own frames
 

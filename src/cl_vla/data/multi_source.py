@@ -37,6 +37,9 @@ from cl_vla.errors import ConfigError, DataError, one_of
 # Keys every LeRobot frame carries; renumbered into the global spaces, never renamed.
 INDEX_KEYS = ("index", "episode_index", "task_index", "frame_index", "timestamp")
 FPS_RULES = ("same", "own_frames")
+# repo_id: the dataset's id; root: a local copy; rename: its feature -> the policy's name (null: drop
+# it); synthetic: data=synthetic writer settings over data.synthetic (+ `features`, names to write under)
+_DATASET_KEYS = {"repo_id", "root", "rename", "synthetic"}
 _TASK_KEYS = {"dataset", "instruction", "instructions", "tasks", "sequence", "name", "env_task"}
 
 
@@ -93,6 +96,12 @@ def parse_cross_sequence(node: Mapping[str, Any]) -> CrossSequence:
     sources = []
     for key, src in dict(node["datasets"]).items():
         src = dict(src or {})
+        unknown = set(src) - _DATASET_KEYS
+        if unknown:
+            raise ConfigError(
+                f"task_sequence.datasets.{key} has key(s) {sorted(unknown)}; allowed: "
+                f"{', '.join(sorted(_DATASET_KEYS))}."
+            )
         if not src.get("repo_id"):
             raise ConfigError(f"task_sequence.datasets.{key} has no repo_id; give the dataset's repo id.")
         sources.append(
