@@ -188,7 +188,8 @@ def _meta(fps=10, action=7, state=8, names=None, camera="observation.images.imag
     ],
 )
 def test_misaligned_pairs_are_refused_in_one_sentence(other, fragment: str) -> None:
-    from cl_vla.data.multi_source import SourceSpec, feature_space
+    from cl_vla.data.alignment import feature_space
+    from cl_vla.data.cross_sequence import SourceSpec
     from cl_vla.errors import DataError
 
     first = _meta(names=["x", "y", "z", "rx", "ry", "rz", "grip"])
@@ -200,7 +201,8 @@ def test_misaligned_pairs_are_refused_in_one_sentence(other, fragment: str) -> N
 
 
 def test_a_rename_and_a_chosen_image_size_align_the_pair() -> None:
-    from cl_vla.data.multi_source import SourceSpec, feature_space
+    from cl_vla.data.alignment import feature_space
+    from cl_vla.data.cross_sequence import SourceSpec
 
     other = _meta(camera="observation.images.front", fps=20)
     specs = [
@@ -217,7 +219,7 @@ def test_cross_suite_libero_recipe_composes_and_fails_offline_in_one_sentence(tm
 
     from cl_vla.cli import prepare_data, validate_config
     from cl_vla.config import register_configs
-    from cl_vla.data.multi_source import parse_cross_sequence
+    from cl_vla.data.cross_sequence import parse_cross_sequence
     from cl_vla.errors import DataError
     from cl_vla.paths import conf_dir
 
@@ -238,7 +240,7 @@ def test_cross_suite_libero_recipe_composes_and_fails_offline_in_one_sentence(tm
 
 
 def test_env_tasks_pair_with_the_expanded_tasks() -> None:
-    from cl_vla.data.multi_source import parse_cross_sequence
+    from cl_vla.data.cross_sequence import parse_cross_sequence
     from cl_vla.errors import ConfigError
 
     node = {
@@ -262,7 +264,7 @@ def test_a_cross_dataset_sequence_is_given_on_the_command_line(tmp_path: Path) -
 
     from cl_vla.cli import validate_config
     from cl_vla.config import register_configs
-    from cl_vla.data.multi_source import parse_cross_sequence
+    from cl_vla.data.cross_sequence import parse_cross_sequence
     from cl_vla.paths import conf_dir
 
     register_configs()

@@ -17,13 +17,16 @@ to one size) and concatenated behind one index space: global index = offset of i
 index. Streams, replay references (one int64 each), the batch sampler, resume and DDP therefore see
 one dataset, exactly as with a single LeRobot dataset; nothing is copied. Episodes and tasks get
 global numbers the same way, so per-episode statistics and held-out splits work unchanged.
+
+The sequence's configuration is read in :mod:`cl_vla.data.cross_sequence`, the feature space decided
+in :mod:`cl_vla.data.alignment`; this module concatenates the aligned datasets and builds the streams.
 """
 
 from __future__ import annotations
 
 import bisect
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,281 +34,18 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from cl_vla.data.task_sequences import TaskRef, TaskSequence, TaskStream, build_episode_task_map
-from cl_vla.errors import ConfigError, DataError, one_of
+from cl_vla.data.alignment import INDEX_KEYS, AlignedSource, feature_space, is_visual
+from cl_vla.data.cross_sequence import CrossSequence, SourceSpec, is_cross_dataset, parse_cross_sequence
+from cl_vla.data.task_sequences import TaskSequence, TaskStream, build_episode_task_map
+from cl_vla.errors import DataError
 
-# Keys every LeRobot frame carries; renumbered into the global spaces, never renamed.
-INDEX_KEYS = ("index", "episode_index", "task_index", "frame_index", "timestamp")
-FPS_RULES = ("same", "own_frames")
-# repo_id: the dataset's id; root: a local copy; rename: its feature -> the policy's name (null: drop
-# it); synthetic: data=synthetic writer settings over data.synthetic (+ `features`, names to write under)
-_DATASET_KEYS = {"repo_id", "root", "rename", "synthetic"}
-_TASK_KEYS = {"dataset", "instruction", "instructions", "tasks", "sequence", "name", "env_task"}
-
-
-@dataclass(frozen=True)
-class SourceSpec:
-    """One dataset of a cross-dataset sequence, as ``task_sequence.datasets.<name>`` gives it."""
-
-    name: str
-    repo_id: str
-    root: str | None = None
-    rename: Mapping[str, str | None] = field(default_factory=dict)
-    synthetic: Mapping[str, Any] | None = None
-
-
-@dataclass(frozen=True)
-class SourceTask:
-    """One task of the sequence: a dataset, and the instructions selecting it (none: every episode)."""
-
-    dataset: str
-    select: tuple[TaskRef, ...]
-    name: str
-    env_task: str | None = None
-
-
-@dataclass(frozen=True)
-class CrossSequence:
-    name: str
-    sources: tuple[SourceSpec, ...]
-    tasks: tuple[SourceTask, ...]
-    image_size: tuple[int, int] | None = None
-    fps_rule: str = "same"
-
-    def source(self, name: str) -> SourceSpec:
-        return next(s for s in self.sources if s.name == name)
-
-    def as_task_sequence(self, suite: str | None = None) -> TaskSequence:
-        env = [t.env_task for t in self.tasks]
-        return TaskSequence(
-            name=self.name,
-            tasks=tuple(t.name for t in self.tasks),
-            suite=suite,
-            env_tasks=tuple(env) if all(e is not None for e in env) else None,
-        )
-
-
-def is_cross_dataset(seq_node: Mapping[str, Any]) -> bool:
-    """Whether a ``task_sequence`` node names its datasets (otherwise one dataset: ``data.*``)."""
-    return bool(seq_node.get("datasets"))
-
-
-def parse_cross_sequence(node: Mapping[str, Any]) -> CrossSequence:
-    """Read a ``task_sequence`` node with ``datasets``; one sentence per mistake."""
-    name = str(node.get("name") or "custom")
-    sources = []
-    for key, src in dict(node["datasets"]).items():
-        src = dict(src or {})
-        unknown = set(src) - _DATASET_KEYS
-        if unknown:
-            raise ConfigError(
-                f"task_sequence.datasets.{key} has key(s) {sorted(unknown)}; allowed: "
-                f"{', '.join(sorted(_DATASET_KEYS))}."
-            )
-        if not src.get("repo_id"):
-            raise ConfigError(f"task_sequence.datasets.{key} has no repo_id; give the dataset's repo id.")
-        sources.append(
-            SourceSpec(
-                name=str(key),
-                repo_id=str(src["repo_id"]),
-                root=src.get("root"),
-                rename=dict(src.get("rename") or {}),
-                synthetic=src.get("synthetic"),
-            )
-        )
-    known = [s.name for s in sources]
-    tasks: list[SourceTask] = []
-    for i, entry in enumerate(node.get("tasks") or []):
-        if not isinstance(entry, Mapping):
-            raise ConfigError(
-                f"Task {i} ({entry!r}) of sequence {name!r} names no dataset; with task_sequence.datasets "
-                "set, every task is a mapping {dataset: <name>, instruction: ...}."
-            )
-        ds = entry.get("dataset")
-        if ds not in known:
-            raise ConfigError(
-                f"Task {i} of sequence {name!r} names dataset={ds!r}; choose {one_of(known)} "
-                "(the keys of task_sequence.datasets)."
-            )
-        unknown = set(entry) - _TASK_KEYS
-        if unknown:
-            raise ConfigError(
-                f"Task {i} of sequence {name!r} has key(s) {sorted(unknown)}; allowed: dataset, instruction, "
-                "instructions, tasks or sequence (a group), name, env_task."
-            )
-        if "sequence" in entry:  # a group: the tasks of a shipped sequence (conf/task_sequence/<name>)
-            from cl_vla.data.task_sequences import get_task_sequence
-
-            shipped = get_task_sequence(str(entry["sequence"]))
-            env = entry.get("env_task") or shipped.env_tasks
-            entry = {**entry, "tasks": list(shipped.tasks), "env_task": env}
-        if "tasks" in entry:  # a group: one task per instruction, all from the same dataset
-            envs = entry.get("env_task") or [None] * len(entry["tasks"])
-            for ref, env in zip(entry["tasks"], envs, strict=True):
-                tasks.append(SourceTask(ds, (ref,), str(ref), env))
-            continue
-        select = entry.get("instructions", [entry["instruction"]] if "instruction" in entry else [])
-        label = entry.get("name") or (str(select[0]) if len(select) == 1 else ds if not select else None)
-        tasks.append(
-            SourceTask(ds, tuple(select), str(label or " | ".join(map(str, select))), entry.get("env_task"))
-        )
-    if not tasks:
-        raise ConfigError(f"Task sequence {name!r} has no tasks; give at least one.")
-    env_tasks = node.get("env_tasks")
-    if env_tasks:  # the simulator's task of each (expanded) task, as in a one-dataset sequence
-        if len(env_tasks) != len(tasks):
-            raise ConfigError(
-                f"Sequence {name!r} has {len(tasks)} tasks but {len(env_tasks)} env_tasks; they must pair "
-                "one to one."
-            )
-        pairs = zip(tasks, env_tasks, strict=True)
-        tasks = [SourceTask(t.dataset, t.select, t.name, t.env_task or e) for t, e in pairs]
-    rule = str(node.get("fps_rule") or "same")
-    if rule not in FPS_RULES:
-        raise ConfigError(
-            f"task_sequence.fps_rule={rule!r} is not allowed; choose {one_of(list(FPS_RULES))}."
-        )
-    size = node.get("image_size")
-    if size is not None and (len(size) != 2 or min(int(v) for v in size) < 1):
-        raise ConfigError(f"task_sequence.image_size={list(size)} is not allowed; give [height, width].")
-    return CrossSequence(
-        name, tuple(sources), tuple(tasks), tuple(int(v) for v in size) if size else None, rule
-    )
-
-
-# ---- one feature space ---------------------------------------------------------------------------
-
-
-def _is_visual(feature: Mapping[str, Any]) -> bool:
-    return feature.get("dtype") in ("image", "video")
-
-
-def _hw(feature: Mapping[str, Any]) -> tuple[int, int]:
-    """(height, width) of an image feature, whatever order its shape is stored in."""
-    shape, names = list(feature["shape"]), list(feature.get("names") or [])
-    if "height" in names and "width" in names:
-        return int(shape[names.index("height")]), int(shape[names.index("width")])
-    return (int(shape[1]), int(shape[2])) if shape[0] in (1, 3) else (int(shape[0]), int(shape[1]))
-
-
-def renamed_features(meta: Any, spec: SourceSpec) -> dict[str, dict]:
-    """The dataset's non-index features under the policy's names (features renamed to null dropped)."""
-    bad = [k for k in spec.rename if k not in meta.features]
-    if bad:
-        raise DataError(
-            f"task_sequence.datasets.{spec.name}.rename names {bad[0]!r}, which dataset {spec.repo_id!r} "
-            f"does not have; its features are {sorted(k for k in meta.features if k not in INDEX_KEYS)}."
-        )
-    out = {}
-    for key, feat in meta.features.items():
-        if key in INDEX_KEYS:
-            continue
-        new = spec.rename.get(key, key)
-        if new is not None:
-            out[new] = dict(feat)
-    return out
-
-
-def feature_space(
-    metas: Sequence[Any], specs: Sequence[SourceSpec], image_size: tuple[int, int] | None, fps_rule: str
-) -> dict[str, dict]:
-    """The features every batch carries: the first dataset's (renamed, cameras at one size).
-
-    Every other dataset must provide each of them with the same shape (images: any size, resized) and,
-    where both datasets name the entries of a vector, the same names (the same meaning); otherwise one
-    sentence names the dataset and the feature.
-    """
-    first = renamed_features(metas[0], specs[0])
-    cams = [k for k, f in first.items() if _is_visual(f)]
-    size = image_size or (_hw(first[cams[0]]) if cams else None)
-    space = {}
-    for key, feat in first.items():
-        if _is_visual(feat):
-            space[key] = {**feat, "shape": (*size, 3), "names": ["height", "width", "channels"]}
-        else:
-            space[key] = feat
-    for meta, spec in zip(metas, specs, strict=True):
-        if fps_rule == "same" and meta.fps != metas[0].fps:
-            raise DataError(
-                f"Dataset {spec.name!r} ({spec.repo_id}) records at {meta.fps} fps but {specs[0].name!r} at "
-                f"{metas[0].fps} fps; set task_sequence.fps_rule=own_frames (windows of the same number of "
-                "frames, each at its dataset's rate) or use datasets of one fps."
-            )
-        feats = renamed_features(meta, spec)
-        for key, want in space.items():
-            have = feats.get(key)
-            if have is None:
-                raise DataError(
-                    f"Dataset {spec.name!r} ({spec.repo_id}) has no feature {key!r}, which "
-                    f"{specs[0].name!r} has; map one of its features to it with "
-                    f"task_sequence.datasets.{spec.name}.rename, or drop it from {specs[0].name!r} "
-                    f"(rename it to null); its features are {sorted(feats)}."
-                )
-            if _is_visual(want) != _is_visual(have):
-                raise DataError(
-                    f"Dataset {spec.name!r} ({spec.repo_id}) has {key!r} as {have.get('dtype')} but "
-                    f"{specs[0].name!r} as {want.get('dtype')}; they cannot be aligned."
-                )
-            if _is_visual(want):
-                continue
-            if tuple(have["shape"]) != tuple(want["shape"]):
-                raise DataError(
-                    f"Dataset {spec.name!r} ({spec.repo_id}) has {key!r} of shape {list(have['shape'])} but "
-                    f"{specs[0].name!r} of shape {list(want['shape'])}; a policy has one {key} width, so "
-                    "these datasets cannot share a sequence."
-                )
-            a, b = _names(have), _names(want)
-            if a is not None and b is not None and a != b:
-                raise DataError(
-                    f"Dataset {spec.name!r} ({spec.repo_id}) names the entries of {key!r} {a} but "
-                    f"{specs[0].name!r} names them {b}: a different meaning, so they cannot be aligned."
-                )
-    return space
-
-
-def _names(feature: Mapping[str, Any]) -> list[str] | None:
-    names = feature.get("names")
-    if isinstance(names, Mapping):  # {"motors": [...]}: older LeRobot conversions
-        names = next(iter(names.values()), None)
-    return [str(n) for n in names] if isinstance(names, list) else None
-
-
-# ---- the concatenated dataset ----------------------------------------------------------------------
-
-
-class AlignedSource(Dataset):
-    """One dataset's frames in the sequence's feature space: renamed, cameras resized, extras dropped."""
-
-    def __init__(self, dataset: Any, spec: SourceSpec, space: Mapping[str, dict]) -> None:
-        self.dataset, self.spec = dataset, spec
-        self.keys = {k: spec.rename.get(k, k) for k in dataset.meta.features if k not in INDEX_KEYS}
-        self.keys = {k: v for k, v in self.keys.items() if v in space}
-        self.sizes = {v: tuple(space[v]["shape"][:2]) for v in self.keys.values() if _is_visual(space[v])}
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, idx: int) -> dict:
-        item = self.dataset[idx]
-        out = {k: item[k] for k in INDEX_KEYS if k in item}
-        out["task"] = item.get("task")
-        for key, new in self.keys.items():
-            value = item[key]
-            if new in self.sizes and tuple(value.shape[-2:]) != self.sizes[new]:
-                value = _resize(value, self.sizes[new])
-            out[new] = value
-            if f"{key}_is_pad" in item:
-                out[f"{new}_is_pad"] = item[f"{key}_is_pad"]
-        return out
-
-
-def _resize(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    # Frames come as float (C, H, W) or, with windows, (T, C, H, W); antialias as torchvision does.
-    batch = image if image.dim() == 4 else image.unsqueeze(0)
-    out = torch.nn.functional.interpolate(
-        batch, size=size, mode="bilinear", antialias=True, align_corners=False
-    )
-    return out if image.dim() == 4 else out.squeeze(0)
+__all__ = [
+    "CombinedMeta",
+    "MultiSourceDataset",
+    "is_cross_dataset",
+    "parse_cross_sequence",
+    "prepare_cross_data",
+]
 
 
 class CombinedMeta:
@@ -326,7 +66,7 @@ class CombinedMeta:
         self.fps = metas[0].fps
         index_feats = {k: v for k, v in metas[0].features.items() if k in INDEX_KEYS}
         self.features = {**space, **index_feats}
-        self.camera_keys = [k for k, f in space.items() if _is_visual(f)]
+        self.camera_keys = [k for k, f in space.items() if is_visual(f)]
         self.stats = aggregate_stats([self._renamed(m.stats, s) for m, s in zip(metas, specs, strict=True)])
 
     def _renamed(self, stats: Mapping[str, Mapping[str, Any]], spec: SourceSpec) -> dict:
