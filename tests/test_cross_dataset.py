@@ -1,5 +1,5 @@
-"""Task sequences across datasets: ``experiment=smoke_cross`` reads three tasks from two synthetic datasets
-of different schemas (feature names, image sizes), concatenated behind one index space.
+"""Task sequences across datasets: ``experiment=smoke_cross`` reads three tasks from three synthetic
+datasets of different schemas (feature names, image sizes), concatenated behind one index space.
 
 Checked here: it trains with several algorithms, replay stores 8-byte references into either dataset
 and mixes them in one batch, it resumes exactly (mid-task and at a task boundary), normalization
@@ -34,6 +34,7 @@ def _overrides(algo: str, *extra: str) -> list[str]:
         "data.synthetic.frames_per_episode=8",
         "data.synthetic.image_size=16",
         "task_sequence.datasets.wrist_cam.synthetic.image_size=12",  # resized to 16 when read
+        "task_sequence.datasets.hdf5_names.synthetic.image_size=20",  # resized to 16 when read
         "data.batch_size=4",
         "data.num_workers=0",
         "model.image_size=16",
@@ -88,22 +89,24 @@ def test_er_replays_across_datasets_and_resumes_exactly(tmp_path: Path) -> None:
     assert R.shape == (3, 3) and np.isfinite(R).all()  # every task evaluated after every task
 
     ds = data.dataset
-    assert [s.extra["dataset"] for s in data.streams] == ["main_cam", "wrist_cam", "main_cam"]
-    assert len(ds.sources) == 2 and ds.offsets[1] > 0
-    # References are global int64 indices: task 0's point into the first dataset, task 1's into the
-    # second, 8 bytes each whatever dataset they come from.
+    assert [s.extra["dataset"] for s in data.streams] == ["main_cam", "wrist_cam", "hdf5_names"]
+    assert len(ds.sources) == 3
+    # References are global int64 indices, 8 bytes each whatever dataset they point into: each task's
+    # lie in its own dataset's range of the one index space.
     refs = {t: algorithm._refs[t] for t in algorithm.get_task_ids()}
-    assert refs[0].dtype == np.int64 and refs[0].itemsize == 8
-    assert (refs[0] < ds.offsets[1]).all() and (refs[1] >= ds.offsets[1]).all()
-    # One replay batch mixes both datasets: one feature space, cameras at one size.
-    batch = default_collate([ds[int(i)] for i in [*refs[0][:2], *refs[1][:2]]])
-    assert batch["observation.images.image"].shape == (4, 3, 16, 16)
+    assert sorted(refs) == [0, 1, 2]
+    for t, r in refs.items():
+        assert r.dtype == np.int64 and r.itemsize == 8
+        assert ((r >= ds.offsets[t]) & (r < ds.offsets[t + 1])).all(), f"task {t}"
+    # One replay batch mixes the three datasets: one feature space, cameras at one size.
+    picked = [int(i) for t in (0, 1, 2) for i in refs[t][:2]]
+    batch = default_collate([ds[i] for i in picked])
+    for camera in ("observation.images.image", "observation.images.wrist_image"):
+        assert batch[camera].shape == (6, 3, 16, 16), camera
     assert batch["observation.state"].shape[-1] == 8 and batch["action"].shape[-1] == 7
-    first_of_second = ds.meta.ep_offsets[1]  # episodes are numbered globally too
-    assert (batch["episode_index"][:2] < first_of_second).all() and (
-        batch["episode_index"][2:] >= first_of_second
-    ).all()
-    assert len(set(batch["task_index"].tolist())) == 2  # global task numbers of the two datasets
+    assert batch["index"].tolist() == picked
+    assert len(set(batch["task_index"].tolist())) == 3  # tasks and episodes are numbered globally too
+    assert len(set(batch["episode_index"].tolist())) >= 3
 
     cut = tmp_path / "cut"
     with pytest.raises(Crash):
