@@ -36,6 +36,7 @@ from torch.utils.data import Dataset
 
 from cl_vla.data.alignment import INDEX_KEYS, AlignedSource, feature_space, is_visual
 from cl_vla.data.cross_sequence import CrossSequence, SourceSpec, is_cross_dataset, parse_cross_sequence
+from cl_vla.data.streams import ContinualData, open_dataset
 from cl_vla.data.task_sequences import TaskSequence, TaskStream, build_episode_task_map
 from cl_vla.errors import DataError
 
@@ -177,11 +178,14 @@ def ensure_synthetic_sources(data_cfg: Any, seq: CrossSequence) -> dict[str, tup
     return out
 
 
-def open_source(spec: SourceSpec, root: str | None, delta_timestamps=None, video_backend=None):
+def open_source(
+    spec: SourceSpec,
+    root: str | None,
+    delta_timestamps: Mapping[str, Sequence[float]] | None = None,
+    video_backend: str | None = None,
+) -> Any:
     """Open one dataset of the sequence; a failure names the dataset and what to give."""
     import os
-
-    from cl_vla.data.streams import open_dataset
 
     try:
         return open_dataset(spec.repo_id, root, delta_timestamps, video_backend)
@@ -194,7 +198,7 @@ def open_source(spec: SourceSpec, root: str | None, delta_timestamps=None, video
         raise DataError(f"Dataset {spec.name!r} of the task sequence: {e}") from e
 
 
-def prepare_cross_data(cfg: Any, device: str):
+def prepare_cross_data(cfg: Any, device: str) -> tuple[ContinualData, Any]:
     """``cli.prepare_data`` for a sequence naming its datasets: returns ``(ContinualData, policy_cfg)``."""
     from lerobot.datasets.factory import resolve_delta_timestamps
     from omegaconf import OmegaConf
@@ -249,10 +253,9 @@ def build_cross_continual_data(
     suite: str | None,
     heldout_fraction: float,
     split_seed: int,
-):
+) -> ContinualData:
     """Resolve each task inside its dataset, number tasks and episodes globally, split by episode."""
     from cl_vla.data.splits import split_episodes
-    from cl_vla.data.streams import ContinualData
     from cl_vla.data.task_sequences import resolve_task_indices
 
     names = [s.name for s in seq.sources]
