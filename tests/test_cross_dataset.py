@@ -10,7 +10,10 @@ the cross-suite LIBERO recipe composes and fails offline with one sentence.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import time
+import traceback
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -25,11 +28,15 @@ pytestmark = pytest.mark.slow
 STEPS = 4  # per task; a mid-task checkpoint every 2 steps
 
 
-def _overrides(algo: str, *extra: str) -> list[str]:
+def _data_root() -> Path:
+    return session_tmp() / "datasets" / "cross_demo"
+
+
+def _overrides(algo: str, *extra: str, root: Path | None = None) -> list[str]:
     return [
         "experiment=smoke_cross",
         f"algorithm={algo}",
-        f"data.root={session_tmp() / 'datasets' / 'cross_demo'}",
+        f"data.root={root or _data_root()}",
         "data.synthetic.episodes_per_task=3",
         "data.synthetic.frames_per_episode=8",
         "data.synthetic.image_size=16",
@@ -289,3 +296,68 @@ def test_a_cross_dataset_sequence_is_given_on_the_command_line(tmp_path: Path) -
     ]
     assert seq.source("pick").root == "/data/pick"
     assert seq.source("stack").rename == {"observation.images.top": "observation.images.front"}
+
+
+def _ddp_rank(rank: int, port: int, out: str, root: str) -> None:
+    from conftest import TEST_ENV
+
+    os.environ.update(
+        TEST_ENV,
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        LOCAL_RANK=str(rank),  # Lightning joins this process group instead of launching one
+        NODE_RANK="0",
+        WORLD_SIZE="2",
+    )
+    from rich.console import Console
+
+    from cl_vla.in_process import compose_run
+    from cl_vla.loop import run_continual
+
+    try:
+        # The parent's datasets: a spawned process imports conftest anew, with a session folder of its own.
+        overrides = [
+            *_overrides("er", "trainer=ddp_cpu", root=Path(root)),
+            "continual_learning.steps_per_task=3",
+        ]
+        cfg, algorithm, data, policy_cfg = compose_run(overrides, Path(out) / "run")
+        run_continual(cfg, data, policy_cfg, algorithm, console=Console(quiet=True))
+    except Exception:
+        (Path(out) / f"error_rank{rank}.txt").write_text(traceback.format_exc())
+        raise
+
+
+@pytest.mark.ddp
+def test_er_across_datasets_under_ddp_ranks_agree(tmp_path: Path) -> None:
+    """Two DDP ranks (gloo) replay across the three datasets; both end with the same replay buffer."""
+    import torch.multiprocessing as mp
+
+    from cl_vla.in_process import compose_run
+    from test_ddp_every_algorithm import _free_port
+
+    compose_run(_overrides("er"), tmp_path / "write")  # the datasets, written once before the ranks read them
+    ctx = mp.start_processes(
+        _ddp_rank,
+        args=(_free_port(), str(tmp_path), str(_data_root())),
+        nprocs=2,
+        join=False,
+        start_method="spawn",
+    )
+    deadline = time.time() + 600
+    try:
+        while not ctx.join(timeout=5):
+            if time.time() > deadline:
+                pytest.fail("the DDP run did not finish within 600 s (a collective on one rank only?)")
+    except mp.ProcessRaisedException:
+        errors = sorted(tmp_path.glob("error_*.txt"))
+        pytest.fail("\n".join(f"{e.name}:\n{e.read_text()[-2000:]}" for e in errors) or "a rank failed")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+    run_dir = tmp_path / "run"
+    R = np.array(json.loads((run_dir / "results.json").read_text())["matrix"], dtype=float)
+    assert R.shape == (3, 3) and np.isfinite(R).all()
+    states = [json.loads((run_dir / "rank_states" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert states[0]["task"] == states[1]["task"] == 2
+    assert states[0]["sha256"] == states[1]["sha256"], "the ranks hold different replay buffers"
