@@ -34,7 +34,8 @@ def validate_config(cfg: DictConfig) -> DictConfig:
     NormalizationChoice.parse(cfg.data.normalization)
     if cfg.data.source not in DATA_SOURCES:
         raise ConfigError(f"data.source={cfg.data.source!r} is not allowed; choose {one_of(DATA_SOURCES)}.")
-    if cfg.data.root is None and str(cfg.data.repo_id).startswith("local/"):
+    cross = bool(cfg.task_sequence.get("datasets"))  # its datasets give their own roots
+    if cfg.data.root is None and str(cfg.data.repo_id).startswith("local/") and not cross:
         raise ConfigError(
             "data.root is not set; data=local reads a LeRobot dataset from disk: "
             "give data.root=<dataset directory> (the one holding meta/info.json)."
@@ -99,11 +100,14 @@ def prepare_data(cfg: DictConfig, policy_type_cfg: Any | None = None):
     from lerobot.datasets.dataset_metadata import LeRobotDatasetMetadata
     from lerobot.datasets.factory import resolve_delta_timestamps
 
+    from cl_vla.data.multi_source import is_cross_dataset, prepare_cross_data
     from cl_vla.data.streams import build_continual_data, ensure_synthetic, open_dataset
     from cl_vla.data.task_sequences import TaskSequence
     from cl_vla.data.windows import WindowedDataset, split_deltas
     from cl_vla.models import build_policy_config
 
+    if is_cross_dataset(cfg.task_sequence):  # each task names its own dataset
+        return prepare_cross_data(cfg, _device(cfg))
     seq = TaskSequence.from_mapping(OmegaConf.to_container(cfg.task_sequence, resolve=True))
     # Only a synthetic / metaworld source writes data: an experiment preset's `data.synthetic` settings
     # must never turn data=local into a freshly written synthetic dataset.

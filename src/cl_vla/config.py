@@ -24,11 +24,20 @@ from cl_vla.errors import ConfigError
 @dataclass
 class TaskSequenceConfig:
     name: str = MISSING
-    tasks: list[Any] = MISSING  # instruction strings or dataset task indices, in training order
+    # In training order: instruction strings or dataset task indices (one dataset: data.*), or, when
+    # `datasets` is set, mappings {dataset, instruction | instructions | tasks, name, env_task}
+    # (cl_vla.data.multi_source).
+    tasks: list[Any] = MISSING
     suite: str | None = None  # simulator suite (libero_spatial, metaworld, ...) for closed-loop evaluation
     env_tasks: list[str] | None = None  # the simulator's task names, paired with `tasks`
     aliases: list[str] = field(default_factory=list)
     description: str = ""
+    # Cross-dataset sequences: the datasets the tasks name, name -> {repo_id, root, rename, synthetic}
+    # (checked in cl_vla.data.multi_source, so `+task_sequence.datasets.x={...}` works on the command
+    # line). Empty: every task comes from data.*.
+    datasets: dict[str, Any] = field(default_factory=dict)
+    image_size: list[int] | None = None  # [height, width] every camera is resized to; None: the first's
+    fps_rule: str = "same"  # same: refuse datasets of different fps | own_frames: windows in own frames
 
 
 @dataclass

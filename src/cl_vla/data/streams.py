@@ -170,10 +170,12 @@ def task_table(data: ContinualData):
     """A rich table: one row per task with its dataset index, episodes and frames."""
     from rich.table import Table
 
+    multi = any("dataset" in s.extra for s in data.streams)  # a cross-dataset sequence: name each one's
     t = Table(title=f"{data.sequence.name}: {data.num_tasks} tasks from {data.dataset.repo_id}")
     for col, kw in [
         ("#", {"justify": "right"}),
         ("task", {"overflow": "fold", "max_width": 60}),
+        *([("dataset", {})] if multi else []),
         ("task_index", {"justify": "right"}),
         ("train eps", {"justify": "right"}),
         ("held-out eps", {"justify": "right"}),
@@ -185,6 +187,7 @@ def task_table(data: ContinualData):
         t.add_row(
             str(s.position),
             s.name,
+            *([str(s.extra.get("dataset", ""))] if multi else []),
             str(s.task_index),
             str(len(s.train_episodes)),
             str(len(s.heldout_episodes)),

@@ -87,8 +87,10 @@ def _registry() -> dict[str, TaskSequence]:
     reg: dict[str, TaskSequence] = {}
     for path in sorted((conf_dir() / "task_sequence").glob("*.yaml")):
         node = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(node.get("tasks"), list):
-            continue  # templates (custom.yaml: `tasks: ???`) and aliases built by a defaults list
+        if not isinstance(node.get("tasks"), list) or node.get("datasets"):
+            # templates (custom.yaml: `tasks: ???`), aliases built by a defaults list, and sequences
+            # across datasets (their tasks are mappings: cl_vla.data.multi_source)
+            continue
         seq = TaskSequence.from_mapping(node, default_name=path.stem)
         for key in (seq.name, *seq.aliases):
             reg[key] = seq
@@ -190,8 +192,12 @@ def episode_frame_ranges(dataset: Any) -> dict[int, tuple[int, int]]:
     """``episode -> (start, stop)`` positions of its frames in ``dataset`` (as ``dataset[i]`` indexes).
 
     A LeRobotDataset opened on a subset of episodes indexes its frames by position in that subset,
-    not by the global ``index``; this accounts for that.
+    not by the global ``index``; this accounts for that. Several datasets behind one index space
+    (:class:`cl_vla.data.multi_source.MultiSourceDataset`) answer for themselves.
     """
+    own = getattr(dataset, "episode_frame_ranges", None)
+    if callable(own):
+        return own()
     rows = _episodes_table(dataset.meta)
     selected = getattr(dataset, "episodes", None)
     if selected is None:
