@@ -324,3 +324,54 @@ def test_truncated_checkpoint_without_digest_is_called_corrupt(finished_run, tmp
     with pytest.raises(CheckpointError, match="is corrupt or not a cl_vla checkpoint"):
         read_checkpoint(ckpt)
     assert "has no .sha256 digest" in capsys.readouterr().err
+
+
+# ---- found in review ----------------------------------------------------------------------------------
+
+
+def test_lock_on_a_file_system_without_flock_warns_and_runs(tmp_path, monkeypatch):
+    import errno
+
+    import cl_vla.run_dir as run_dir_mod
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(run_dir_mod.fcntl, "flock", no_locks)
+    with pytest.warns(UserWarning, match="file system without flock"):
+        lock = run_dir_mod.RunLock(tmp_path).acquire()
+    lock.release()
+
+
+def test_state_json_without_a_checkpoint_is_one_sentence(run_copy):
+    from cl_vla.checkpointing import CheckpointError
+    from cl_vla.run_dir import resolve_resume
+
+    (run_copy / "checkpoints" / "state.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="names no checkpoint"):
+        resolve_resume(str(run_copy))
+
+
+def test_memory_plan_rule_follows_ewc_mode_and_names_unknown_algorithms():
+    from cl_vla.memory_plan import rule_name
+
+    assert rule_name("ewc", {"mode": "online"}) == "ewc_online"
+    assert rule_name("ewc_online", {"mode": "separate"}) == "ewc"
+    with pytest.warns(UserWarning, match="no cost rule for algorithm='my_new_method'"):
+        assert rule_name("my_new_method", {}) == "sequential"
+
+
+def test_bad_normalization_mode_is_one_sentence():
+    from cl_vla.errors import ConfigError
+    from cl_vla.models import build_policy_config
+
+    with pytest.raises(ConfigError, match=r"model.normalization_mapping.ACTION='bogus' is not allowed"):
+        build_policy_config({"type": "tiny_vla", "normalization_mapping": {"ACTION": "bogus"}}, None)
+
+
+def test_sim_evaluation_of_a_cross_dataset_sequence_is_refused():
+    from cl_vla.cli import validate_config
+    from cl_vla.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="eval=sim is not available yet"):
+        validate_config(_compose("task_sequence=cross_demo", "eval=sim"))

@@ -232,15 +232,22 @@ class RunState:
 
 def rng_state() -> dict:
     np_state = np.random.get_state()
-    return {
+    state = {
         "torch": torch.get_rng_state(),
         "numpy": json.dumps([np_state[0], np_state[1].tolist(), *np_state[2:]]),
         "python": json.dumps(random.getstate()),
     }
+    if torch.cuda.is_available():
+        # The VLAs' flow-matching noise and timesteps come from the CUDA generators on a GPU.
+        state["cuda"] = torch.stack(torch.cuda.get_rng_state_all())
+    return state
 
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(list(cuda))
     kind, keys, pos, has_gauss, cached = json.loads(state["numpy"])
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
     py = json.loads(state["python"])

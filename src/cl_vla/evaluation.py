@@ -34,7 +34,7 @@ def evaluate_heldout(
     was_training = module.policy.training
     module.policy.eval()
     sums = torch.zeros(len(tasks), 2, dtype=torch.float64)
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
         torch.manual_seed(seed + 104_729)
         for k, task in enumerate(tasks):
             loader = dm.eval_loader(dm.data.heldout_dataset(task), rank, world)
@@ -75,12 +75,19 @@ def sim_env_name(eval_cfg, suite: str | None) -> str:
 def check_sim_config(cfg) -> None:
     """Early checks of ``eval=sim`` (before recording or training): settings, simulator, task names."""
     from cl_vla.envs.rollout import check_sim_settings
+    from cl_vla.errors import ConfigError
 
+    if cfg.task_sequence.get("datasets"):
+        # A cross-dataset task is labelled by a name, a dataset or several instructions, not by the one
+        # instruction a simulator episode must be prompted with; refuse rather than prompt with a label.
+        raise ConfigError(
+            f"eval=sim is not available yet for sequence {cfg.task_sequence.name!r}, whose tasks come from "
+            "several datasets (task_sequence.datasets); use eval=heldout."
+        )
     env = sim_env_name(cfg.eval, cfg.task_sequence.suite)
     if env == "metaworld":
         check_sim_settings(cfg.eval)
         from cl_vla.envs.metaworld import check_task_names
-        from cl_vla.errors import ConfigError
 
         if not cfg.task_sequence.env_tasks:
             raise ConfigError(

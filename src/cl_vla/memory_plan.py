@@ -15,6 +15,7 @@ Activations depend on batch size and sequence length and are not counted: the pl
 from __future__ import annotations
 
 import sys
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -260,7 +261,23 @@ def plan_for_run(cfg: Any, policy: Any, tasks: int) -> Plan:
 
         size.lora_params = sum(p.numel() for _, p in lora_parameters(policy)) or size.trainable
     device, _ = device_capacity(str(cfg.trainer.accelerator))
-    return Plan(size, algo if algo in RULES else "sequential", tasks, dict(hparams), device)
+    rule = rule_name(algo, hparams)
+    return Plan(size, rule, tasks, dict(hparams), device)
+
+
+def rule_name(algo: str, hparams: dict) -> str:
+    """The cost rule of ``algo``: EWC's by its ``mode`` (``algorithm=ewc algorithm.mode=online`` keeps one
+    Fisher); an algorithm without a rule is said, not silently counted as free."""
+    if algo in ("ewc", "ewc_online") and hparams.get("mode") in ("online", "separate"):
+        return "ewc_online" if hparams["mode"] == "online" else "ewc"
+    if algo not in RULES:
+        warnings.warn(
+            f"memory plan: no cost rule for algorithm={algo!r}; its CL state is not counted "
+            "(add one to cl_vla.memory_plan.RULES).",
+            stacklevel=2,
+        )
+        return "sequential"
+    return algo
 
 
 def check_run(cfg: Any, policy: Any, tasks: int, print_fn: Callable[[str], None] = print) -> Plan:

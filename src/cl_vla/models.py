@@ -64,9 +64,16 @@ def build_policy_config(model_cfg: Mapping[str, Any], ds_meta: Any, device: str 
         from lerobot.configs.types import NormalizationMode
 
         # YAML gives names ("MEAN_STD"); lerobot's normalizer compares enum members.
-        kwargs["normalization_mapping"] = {
-            k: NormalizationMode[str(v)] for k, v in kwargs["normalization_mapping"].items()
-        }
+        modes = {m.name: m for m in NormalizationMode}
+        mapping = {}
+        for k, v in kwargs["normalization_mapping"].items():
+            mode = modes.get(str(v).upper())
+            if mode is None:
+                raise ConfigError(
+                    f"model.normalization_mapping.{k}={v!r} is not allowed; choose {one_of(list(modes))}."
+                )
+            mapping[k] = mode
+        kwargs["normalization_mapping"] = mapping
     twin = None
     if model_cfg.get("twin") is not None:
         from cl_vla.policies.twins import prepare_twin

@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -54,7 +55,7 @@ class RunLock:
         f = open(self.path, "a+")  # noqa: SIM115  (held open until release)
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except BlockingIOError:
             f.seek(0)
             holder = f.read().strip() or "unknown"
             f.close()
@@ -62,6 +63,14 @@ class RunLock:
                 f"Run directory {str(self.path.parent)!r} is being written by another cl_vla process "
                 f"({holder}); wait for it to end or stop it, then resume."
             ) from None
+        except OSError as e:  # a file system without locks (some Lustre/NFS/FUSE mounts): run unlocked
+            f.close()
+            warnings.warn(
+                f"{self.path.parent} is on a file system without flock ({e.strerror}); the run directory "
+                "is not protected against a second process writing it.",
+                stacklevel=2,
+            )
+            return self
         f.seek(0)
         f.truncate()
         f.write(f"pid {os.getpid()} on {os.uname().nodename}")
@@ -110,6 +119,10 @@ def resolve_resume(resume: str) -> ResumePoint:
             raise CheckpointError(
                 f"{state_file} is corrupt ({e.msg}); resume from one of its .ckpt files instead."
             ) from e
+        if not isinstance(pointer, dict) or not isinstance(pointer.get("checkpoint"), str):
+            raise CheckpointError(
+                f"{state_file} names no checkpoint; resume from one of its .ckpt files instead."
+            )
         return _from_checkpoint(p, p / "checkpoints" / pointer["checkpoint"])
     if (p / RUN_FILE).is_file():
         # Killed before its first checkpoint: nothing was decided that a restart would decide otherwise.
@@ -132,7 +145,8 @@ def _from_checkpoint(run_dir: Path, ckpt: Path) -> ResumePoint:
 def refuse_existing_run(run_dir: Path) -> None:
     """A new run never writes into a folder that already holds one (it would replace its run.json,
     config and, later, checkpoints and results)."""
-    if (run_dir / RUN_FILE).is_file() or (run_dir / "checkpoints" / STATE_FILE).is_file():
+    # A run.json alone (a run that stopped before its first checkpoint) holds nothing to lose.
+    if (run_dir / "checkpoints" / STATE_FILE).is_file() or (run_dir / "results.json").is_file():
         raise CheckpointError(
             f"Output folder {str(run_dir)!r} already holds a cl_vla run; continue it with "
             f"resume={str(run_dir)!r} or choose another folder (hydra.run.dir=<dir>)."

@@ -185,10 +185,10 @@ class LiberoHandler:
         self.last = []
         for env, init in zip(self.active, init_states, strict=True):
             env.init_state_id = int(init)  # LiberoEnv resets to init state `init_state_id` (then advances it)
-            obs, _ = env.reset()
+            obs = _reset(env)
             if self.settings.fast_render and _draft_rendering(env):
                 env.init_state_id = int(init)  # again, so the whole episode is rendered the same way
-                obs, _ = env.reset()
+                obs = _reset(env)
             self.last.append(self._flat(obs))
         return _stack(self.last)
 
@@ -318,3 +318,15 @@ def _get(cfg: Any, key: str, default: Any = None) -> Any:
     """A key of an OmegaConf node or a plain namespace (tests build the latter)."""
     value = cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
     return default if value is None and default is not None else value
+
+
+def _reset(env: Any) -> Any:
+    """``env.reset()`` without its side effect on numpy's global generator: LIBERO's reset calls
+    ``np.random.seed(None)`` (OS entropy), which in-process evaluation (eval.num_workers=0) would leak
+    into the training process, whose numpy state is checkpointed for exact resume."""
+    state = np.random.get_state()
+    try:
+        obs, _ = env.reset()
+    finally:
+        np.random.set_state(state)
+    return obs

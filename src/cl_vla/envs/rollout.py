@@ -171,7 +171,7 @@ class ClosedLoopEvaluator:
         steps_before = self.stats.env_steps
         counts = torch.zeros(len(tasks), 2, dtype=torch.float64)  # successes, episodes
         try:
-            with torch.random.fork_rng(devices=[]):
+            with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
                 torch.manual_seed(int(getattr(self, "seed", 0)))
                 for k, task in enumerate(tasks):
                     with module.algorithm.eval_context(task, module):

@@ -14,6 +14,10 @@ from typing import Any
 from cl_vla.errors import CLVLAError
 
 
+class SimulatorError(CLVLAError):
+    """A simulator worker failed, hung or died: one sentence instead of a traceback."""
+
+
 def _worker_main(conn: Any, make_handler: Callable[[], Any]) -> None:
     import warnings
 
@@ -93,18 +97,24 @@ class SimWorkers:
         if self._local is None:
             conn = self._conns[i]
             if not conn.poll(self.timeout_s):
-                raise RuntimeError(f"A {self.name} worker gave no answer within {self.timeout_s:.0f} s.")
+                raise SimulatorError(
+                    f"A {self.name} simulator worker gave no answer within {self.timeout_s:.0f} s; "
+                    "raise eval.timeout_s or lower eval.episodes (the last checkpoint is intact)."
+                )
             try:
                 self._pending[i] = conn.recv()
             except EOFError as e:
                 code = self._procs[i].exitcode
-                raise RuntimeError(f"A {self.name} worker process died (exit code {code}).") from e
+                raise SimulatorError(
+                    f"A {self.name} simulator worker process died (exit code {code}); "
+                    "the last checkpoint is intact: resume=<run dir> continues from it."
+                ) from e
         status, value = self._pending[i]
         self._pending[i] = None
         if status == "error":
             if isinstance(value, BaseException):
                 raise value
-            raise RuntimeError(f"A {self.name} worker failed: {value}")
+            raise SimulatorError(f"A {self.name} simulator worker failed: {value}")
         return value
 
     def call_all(self, method: str, *args: Any) -> list[Any]:
