@@ -85,6 +85,17 @@ def in_process_overrides(
     ]
 
 
+def compose_config(*overrides: str):
+    """``conf/`` composed with ``overrides`` as train.py would (no Hydra run: output_dir unset)."""
+    from hydra import compose, initialize_config_dir
+
+    from cl_vla.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
 def run_train(
     args: Sequence[str],
     cwd: str | Path = REPO_ROOT,

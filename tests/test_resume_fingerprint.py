@@ -21,20 +21,13 @@ from cl_vla.resume_fingerprint import (
     flatten,
     may_change_on_resume,
 )
-from conftest import CONF_DIR
+from conftest import CONF_DIR, compose_config
 
 ALGORITHMS = sorted(p.stem for p in (CONF_DIR / "algorithm").glob("*.yaml"))
 
 
 def _compose(*overrides: str):
-    from hydra import compose, initialize_config_dir
-
-    from cl_vla.config import register_configs
-
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[*overrides, "output_dir=/tmp/x"])
-    return validate_config(cfg)
+    return validate_config(compose_config(*overrides, "output_dir=/tmp/x"))
 
 
 def _changed(value: Any) -> Any:

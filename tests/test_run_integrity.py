@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from cl_vla.cli import run_main
-from conftest import CONF_DIR, in_process_overrides, last_line, run_train, train_in_process
+from conftest import compose_config, in_process_overrides, last_line, run_train, train_in_process
 
 pytestmark = pytest.mark.slow
 
@@ -35,16 +35,6 @@ def _overrides(synthetic_libero) -> list[str]:
         "trainer.warmup_steps=2",
         "trainer.checkpoint_every_n_steps=3",
     ]
-
-
-def _compose(*overrides: str):
-    from hydra import compose, initialize_config_dir
-
-    from cl_vla.config import register_configs
-
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides))
 
 
 def _resumed(overrides: list[str], out_dir: Path) -> dict:
@@ -81,7 +71,7 @@ def run_copy(finished_run, tmp_path) -> Path:
 def _refused(capsys, *overrides: str) -> str:
     """Run ``train.py``'s body in this process; it must exit 2 with one sentence. Returns the sentence."""
     with pytest.raises(SystemExit) as info:
-        run_main(_compose(*overrides))
+        run_main(compose_config(*overrides))
     assert info.value.code == 2
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert len(err) == 1 and err[0].startswith("error: "), err
@@ -374,4 +364,4 @@ def test_sim_evaluation_of_a_cross_dataset_sequence_is_refused():
     from cl_vla.errors import ConfigError
 
     with pytest.raises(ConfigError, match="eval=sim is not available yet"):
-        validate_config(_compose("task_sequence=cross_demo", "eval=sim"))
+        validate_config(compose_config("task_sequence=cross_demo", "eval=sim"))
