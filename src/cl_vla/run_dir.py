@@ -33,14 +33,14 @@ RUN_FILE = "run.json"
 LOCK_FILE = ".lock"
 
 
-def launch_rank() -> int:
-    """This process's global rank as the launcher set it (0 when not distributed). Known before any
-    process group exists, which is when the run directory is claimed."""
+def is_first_process() -> bool:
+    """Whether the launcher made this process global rank 0 (true when not distributed). Read from the
+    launchers' environment, since it is needed before any process group exists: when the run directory
+    is claimed."""
     for var in ("RANK", "SLURM_PROCID"):
         if os.environ.get(var, "").isdigit():
-            return int(os.environ[var])
-    local, node = os.environ.get("LOCAL_RANK", "0"), os.environ.get("NODE_RANK", "0")
-    return int(local) + int(node) if local.isdigit() and node.isdigit() else 0
+            return int(os.environ[var]) == 0
+    return os.environ.get("LOCAL_RANK", "0") in ("", "0") and os.environ.get("NODE_RANK", "0") in ("", "0")
 
 
 class RunLock:
@@ -180,9 +180,9 @@ def open_run(cfg: DictConfig, claim: bool = True) -> RunHandle:
             run_dir=point.run_dir if point else Path("."), fingerprint=fingerprint, resume=point, lock=None
         )
     run_dir = point.run_dir if point else Path(cfg.output_dir)
-    if point is None and launch_rank() == 0:
+    if point is None and is_first_process():
         refuse_existing_run(run_dir)
-    lock = RunLock(run_dir).acquire() if launch_rank() == 0 else None
+    lock = RunLock(run_dir).acquire() if is_first_process() else None
     try:
         if lock is not None:
             for folder in (run_dir, run_dir / "checkpoints"):
