@@ -96,6 +96,38 @@ def compose_config(*overrides: str):
         return compose(config_name="config", overrides=list(overrides))
 
 
+def free_port() -> int:
+    """A free TCP port on the loopback interface, for a test's own process group."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def join_ranks(ctx, tmp_path: Path, timeout_s: float) -> None:
+    """Wait for ``torch.multiprocessing.start_processes(..., join=False)`` ranks; fail the test with each
+    rank's ``error_*.txt`` (written by the rank) when one raised, or after ``timeout_s``."""
+    import time
+
+    import torch.multiprocessing as mp
+
+    deadline = time.time() + timeout_s
+    try:
+        while not ctx.join(timeout=5):
+            if time.time() > deadline:
+                pytest.fail(
+                    f"the DDP ranks did not finish within {timeout_s:.0f} s (a collective on one rank only?)"
+                )
+    except mp.ProcessRaisedException:
+        errors = sorted(tmp_path.glob("error_*.txt"))
+        pytest.fail("\n".join(f"{e.name}:\n{e.read_text()[-2000:]}" for e in errors) or "a rank failed")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+
+
 def run_train(
     args: Sequence[str],
     cwd: str | Path = REPO_ROOT,

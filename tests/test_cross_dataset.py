@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import time
 import traceback
 from pathlib import Path
 from types import SimpleNamespace
@@ -21,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import session_tmp
+from conftest import free_port, join_ranks, session_tmp
 
 pytestmark = pytest.mark.slow
 
@@ -333,28 +332,16 @@ def test_er_across_datasets_under_ddp_ranks_agree(tmp_path: Path) -> None:
     import torch.multiprocessing as mp
 
     from cl_vla.in_process import compose_run
-    from test_ddp_every_algorithm import _free_port
 
     compose_run(_overrides("er"), tmp_path / "write")  # the datasets, written once before the ranks read them
     ctx = mp.start_processes(
         _ddp_rank,
-        args=(_free_port(), str(tmp_path), str(_data_root())),
+        args=(free_port(), str(tmp_path), str(_data_root())),
         nprocs=2,
         join=False,
         start_method="spawn",
     )
-    deadline = time.time() + 600
-    try:
-        while not ctx.join(timeout=5):
-            if time.time() > deadline:
-                pytest.fail("the DDP run did not finish within 600 s (a collective on one rank only?)")
-    except mp.ProcessRaisedException:
-        errors = sorted(tmp_path.glob("error_*.txt"))
-        pytest.fail("\n".join(f"{e.name}:\n{e.read_text()[-2000:]}" for e in errors) or "a rank failed")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
+    join_ranks(ctx, tmp_path, 600)
     run_dir = tmp_path / "run"
     R = np.array(json.loads((run_dir / "results.json").read_text())["matrix"], dtype=float)
     assert R.shape == (3, 3) and np.isfinite(R).all()

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import time
 import traceback
 from pathlib import Path
 
@@ -20,7 +18,7 @@ import numpy as np
 import pytest
 import torch.multiprocessing as mp
 
-from conftest import CONF_DIR, TEST_ENV, in_process_overrides
+from conftest import CONF_DIR, TEST_ENV, free_port, in_process_overrides, join_ranks
 
 pytestmark = [pytest.mark.slow, pytest.mark.ddp]
 
@@ -57,33 +55,16 @@ def _rank(rank: int, port: int, root: str, repo_id: str, out: str) -> None:
             raise
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_every_algorithm_runs_under_ddp_and_ranks_agree(synthetic_libero, tmp_path: Path) -> None:
     root, repo_id, _ = synthetic_libero
     ctx = mp.start_processes(
         _rank,
-        args=(_free_port(), str(root), repo_id, str(tmp_path)),
+        args=(free_port(), str(root), repo_id, str(tmp_path)),
         nprocs=2,
         join=False,
         start_method="spawn",
     )
-    deadline = time.time() + TIMEOUT_S
-    try:
-        while not ctx.join(timeout=5):
-            if time.time() > deadline:
-                pytest.fail(f"DDP runs did not finish within {TIMEOUT_S} s (a collective on one rank only?)")
-    except mp.ProcessRaisedException:
-        errors = sorted(tmp_path.glob("error_*.txt"))
-        pytest.fail("\n".join(f"{e.name}:\n{e.read_text()[-2000:]}" for e in errors) or "a rank failed")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
+    join_ranks(ctx, tmp_path, TIMEOUT_S)
 
     for algo in ALGORITHMS:
         run_dir = tmp_path / algo
