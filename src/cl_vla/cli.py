@@ -34,8 +34,14 @@ def validate_config(cfg: DictConfig) -> DictConfig:
     NormalizationChoice.parse(cfg.data.normalization)
     if cfg.data.source not in DATA_SOURCES:
         raise ConfigError(f"data.source={cfg.data.source!r} is not allowed; choose {one_of(DATA_SOURCES)}.")
-    cross = bool(cfg.task_sequence.get("datasets"))  # its datasets give their own roots
-    if cfg.data.root is None and str(cfg.data.repo_id).startswith("local/") and not cross:
+    from cl_vla.data.cross_sequence import is_cross_dataset
+
+    # A cross-dataset sequence's datasets give their own roots.
+    if (
+        cfg.data.root is None
+        and str(cfg.data.repo_id).startswith("local/")
+        and not is_cross_dataset(cfg.task_sequence)
+    ):
         raise ConfigError(
             "data.root is not set; data=local reads a LeRobot dataset from disk: "
             "give data.root=<dataset directory> (the one holding meta/info.json)."
@@ -182,8 +188,8 @@ def run_main(cfg: DictConfig) -> float | None:
 
 def _one_log_handler() -> None:
     """Lightning gives its loggers console handlers of their own at import; once Hydra has configured
-    the root logger every Lightning line would print twice. Let
-    Lightning's lines go through Hydra's handlers only (console and the run's train.log)."""
+    the root logger every Lightning line would print twice. Let Lightning's lines go through Hydra's
+    handlers only (console and the run's train.log)."""
     if not logging.getLogger().handlers:
         return
     import lightning.pytorch  # noqa: F401  (its import adds the handlers removed below)

@@ -74,10 +74,11 @@ def sim_env_name(eval_cfg, suite: str | None) -> str:
 
 def check_sim_config(cfg) -> None:
     """Early checks of ``eval=sim`` (before recording or training): settings, simulator, task names."""
+    from cl_vla.data.cross_sequence import is_cross_dataset
     from cl_vla.envs.rollout import check_sim_settings
     from cl_vla.errors import ConfigError
 
-    if cfg.task_sequence.get("datasets"):
+    if is_cross_dataset(cfg.task_sequence):
         # A cross-dataset task is labelled by a name, a dataset or several instructions, not by the one
         # instruction a simulator episode must be prompted with; refuse rather than prompt with a label.
         raise ConfigError(
