@@ -99,7 +99,7 @@ def test_er_replays_across_datasets_and_resumes_exactly(tmp_path: Path) -> None:
     assert len(ds.sources) == 3
     # References are global int64 indices, 8 bytes each whatever dataset they point into: each task's
     # lie in its own dataset's range of the one index space.
-    refs = {t: algorithm._refs[t] for t in algorithm.get_task_ids()}
+    refs = {t: algorithm.memory.refs(t) for t in algorithm.get_task_ids()}
     assert sorted(refs) == [0, 1, 2]
     for t, r in refs.items():
         assert r.dtype == np.int64 and r.itemsize == 8

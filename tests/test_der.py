@@ -72,7 +72,7 @@ def stored_algo(**kwargs) -> tuple[DERpp, object, ListDataset]:
 def mixed_batch(algo: DERpp, dataset: ListDataset, n_current: int = 3) -> tuple[dict, list[int]]:
     """``n_current`` fresh items followed by the first three stored references, as the sampler mixes them."""
     current = [dataset[i] | {"index": 900 + i, "x": dataset[i]["x"] + 1} for i in range(n_current)]
-    replayed = [dataset[int(r)] for r in algo._refs[0][:3]]
+    replayed = [dataset[int(r)] for r in algo.memory.refs(0)[:3]]
     batch = torch.utils.data.default_collate(current + replayed)
     return batch, list(range(n_current, n_current + 3))
 
@@ -87,7 +87,7 @@ def per_sample_mse(pred, target, pad):
 
 def test_stored_outputs_equal_the_models_outputs_at_storage_time() -> None:
     algo, module, dataset = stored_algo()
-    refs = algo._refs[0]
+    refs = algo.memory.refs(0)
     assert len(refs) == 6
     # Recorded in batches of store_batch_size=4 (a GEMM's rounding may depend on the batch's size).
     chunks = [[dataset[int(r)] for r in refs[i : i + 4]] for i in (0, 4)]

@@ -16,7 +16,7 @@ from torch.utils.data import Dataset
 
 import cl_vla
 from cl_vla.algorithms import CLAlgorithm, ReplayBuffer, TaskContext
-from cl_vla.algorithms.er import reservoir_sample
+from cl_vla.algorithms.replay_memory import reservoir_sample
 
 
 class TensorDataset(Dataset):

@@ -8,11 +8,11 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import Subset
 
 from cl_vla.algorithms.base import TaskContext
 from cl_vla.algorithms.er import ReplayBuffer
 from cl_vla.algorithms.lwf import ACTION_IS_PAD, action_chunk, check_nonnegative, masked_distance
+from cl_vla.algorithms.replay_memory import check_task_id
 
 INDEX_KEY = "index"
 
@@ -120,11 +120,12 @@ class DERpp(ReplayBuffer):
                 "DER++ needs context.module, context.make_loader and context.compute_loss at a task end to "
                 "record the policy's outputs on the stored samples."
             )
-        refs = self._refs[task_id]
-        source = self._source(task_id, self._datasets[task_id])
+        refs = self.memory.refs(task_id)
         policy = context.module.policy
         loader = context.make_loader(
-            Subset(source, refs.tolist()), batch_size=self.store_batch_size, shuffle=False
+            self.memory.subset([(task_id, int(r)) for r in refs]),
+            batch_size=self.store_batch_size,
+            shuffle=False,
         )
         keys: list[Tensor] = []
         preds: list[Tensor] = []
@@ -156,7 +157,7 @@ class DERpp(ReplayBuffer):
         """Reservoir-sample the task's references (as ER does), then record the policy's outputs on them."""
         super().on_task_end(task_id, context)
         if context is not None and context.train_dataset is not None:
-            self.record_outputs(self._check_task_id(task_id), context)
+            self.record_outputs(check_task_id(task_id), context)
 
     def penalty(
         self, module: Any, batch: Mapping[str, Any], outputs: Mapping[str, Any]
@@ -197,10 +198,12 @@ class DERpp(ReplayBuffer):
 
     def sample(self, batch_size: int) -> list[dict]:
         """Stored items (uniform over tasks' samples) with their recorded ``stored_action_pred``."""
-        self._require_datasets()
+        self.memory.require_datasets()
         pairs = self._draw(batch_size, self._rng, balanced=False)
         items = self._fetch(pairs)
-        rows = {t: {int(r): i for i, r in enumerate(self._refs[t].tolist())} for t in {t for t, _ in pairs}}
+        rows = {
+            t: {int(r): i for i, r in enumerate(self.memory.refs(t).tolist())} for t in {t for t, _ in pairs}
+        }
         out = []
         for item, (t, ref) in zip(items, pairs, strict=True):
             if t in self._outputs:

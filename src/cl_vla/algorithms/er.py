@@ -8,22 +8,14 @@ from typing import Any
 import numpy as np
 
 from cl_vla.algorithms.base import CLAlgorithm, TaskContext
+from cl_vla.algorithms.replay_memory import ReplayMemory, check_task_id, entropy
 
 # SeedSequence pads short entropy with zeros, so ``[seed]`` and ``[seed, 0]`` give the same stream:
 # a distinct second word per purpose keeps task 0's reservoir and the sampling stream independent.
 _POPULATE_STREAM = 1
 _SAMPLE_STREAM = 2
 
-# How a task's references are to be read back (stored in the state so a resume knows).
-_KIND_FRAME_INDICES = "frame_indices"  # global indices into ``dataset.base_dataset``
-_KIND_POSITIONS = "positions"  # positions into the dataset handed to populate_from_dataset
-
 _STATE_VERSION = 1
-
-
-def _entropy(seed: int) -> int:
-    # SeedSequence rejects negative entropy; configs may still carry a negative seed.
-    return int(seed) % (1 << 64)
 
 
 def _is_positive_int(value: Any) -> bool:
@@ -58,24 +50,6 @@ def _rng_state_from_json(state: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def reservoir_sample(stream: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
-    """Algorithm R (Vitter, 1985): a uniform ``k``-subset of ``stream`` taken in one pass, in order.
-
-    Item ``i`` (0-based, ``i >= k``) replaces slot ``j ~ U{0..i}`` when ``j < k``. The ``n - k`` draws
-    are made in one vectorized call, which consumes the generator exactly as ``n - k`` successive
-    scalar draws would, so the result is the textbook algorithm's, only faster on long streams.
-    """
-    n = len(stream)
-    if n <= k:
-        return stream.astype(np.int64, copy=True)
-    reservoir = stream[:k].astype(np.int64, copy=True)
-    slots = rng.integers(0, np.arange(k + 1, n + 1, dtype=np.int64))
-    # Later replacements overwrite earlier ones, so the in-order loop over the hits is required.
-    for offset in np.flatnonzero(slots < k):
-        reservoir[slots[offset]] = stream[k + offset]
-    return reservoir
-
-
 class ReplayBuffer(CLAlgorithm):
     """Experience Replay buffer that stores samples from past tasks.
 
@@ -92,7 +66,8 @@ class ReplayBuffer(CLAlgorithm):
 
     Differences from the seed's ``ReplayBuffer`` (same names, arguments and defaults), and why:
 
-    - **References, not frames.** The buffer stores ints: for a dataset with ``frame_indices`` (a
+    - **References, not frames.** The buffer (a :class:`~cl_vla.algorithms.replay_memory.ReplayMemory`,
+      the memory DER++, MIR, GEM and A-GEM use too) stores ints: for a dataset with ``frame_indices`` (a
       ``TaskFilteredDataset``) the global indices into ``dataset.base_dataset``, otherwise positions
       into the dataset itself. Populating never decodes a frame; the loop's batch sampler gets the
       references from :meth:`replay_indices` and the DataLoader's workers decode them like any other
@@ -129,10 +104,8 @@ class ReplayBuffer(CLAlgorithm):
         self.seed = int(seed)
         self.replay_batch_ratio = float(replay_batch_ratio)
         self.balanced_sampling = bool(balanced_sampling)
-        self._refs: dict[int, np.ndarray] = {}
-        self._kinds: dict[int, str] = {}
-        self._datasets: dict[int, Any] = {}
-        self._rng = np.random.default_rng([_entropy(self.seed), _SAMPLE_STREAM])
+        self.memory = ReplayMemory(self.buffer_size_per_task, self.seed, stream=_POPULATE_STREAM)
+        self._rng = np.random.default_rng([entropy(self.seed), _SAMPLE_STREAM])
 
     @staticmethod
     def _check_hparams(buffer_size_per_task: int, replay_batch_ratio: float) -> None:
@@ -153,25 +126,12 @@ class ReplayBuffer(CLAlgorithm):
         Populating a task again replaces its entry. Only ``len(dataset)`` and ``dataset.frame_indices``
         are read; no item is decoded.
         """
-        task_id = self._check_task_id(task_id)
+        task_id = check_task_id(task_id)
         if num_samples is not None and (isinstance(num_samples, bool) or not _is_positive_int(num_samples)):
             raise ValueError(f"num_samples must be a positive int or None, got {num_samples!r}.")
-        k = self.buffer_size_per_task if num_samples is None else int(num_samples)
-        frame_indices = getattr(dataset, "frame_indices", None)
-        if frame_indices is not None:
-            stream = np.asarray(frame_indices, dtype=np.int64).reshape(-1)
-            kind = _KIND_FRAME_INDICES
-        else:
-            stream = np.arange(len(dataset), dtype=np.int64)
-            kind = _KIND_POSITIONS
-        if len(stream) == 0:
-            raise ValueError(
-                f"cannot populate task {task_id} from an empty dataset; it needs at least 1 item."
-            )
-        rng = np.random.default_rng([_entropy(self.seed), _POPULATE_STREAM, task_id])
-        self._refs[task_id] = reservoir_sample(stream, k, rng)
-        self._kinds[task_id] = kind
-        self._datasets[task_id] = dataset
+        # The public attributes are the hyperparameters (the seed's API lets callers set them).
+        self.memory.per_task, self.memory.seed = self.buffer_size_per_task, self.seed
+        self.memory.populate(task_id, dataset, num_samples)
 
     def attach_dataset(self, task_id: int, dataset: Any) -> None:
         """Give a task restored from a checkpoint back the dataset its references point into.
@@ -179,33 +139,7 @@ class ReplayBuffer(CLAlgorithm):
         For references taken from ``frame_indices``, pass the task's dataset (with ``base_dataset``)
         or the shared dataset itself; otherwise the very dataset it was populated from.
         """
-        task_id = self._check_task_id(task_id)
-        if task_id not in self._refs:
-            raise KeyError(
-                f"task {task_id} has no stored references; stored tasks are {self.get_task_ids()}."
-            )
-        self._check_fits(task_id, dataset)
-        self._datasets[task_id] = dataset
-
-    def _source(self, task_id: int, dataset: Any) -> Any:
-        if self._kinds[task_id] == _KIND_FRAME_INDICES:
-            return getattr(dataset, "base_dataset", dataset)
-        return dataset
-
-    def _check_fits(self, task_id: int, dataset: Any) -> None:
-        source = self._source(task_id, dataset)
-        refs = self._refs[task_id]
-        if hasattr(source, "__len__") and len(refs) and int(refs.max()) >= len(source):
-            raise ValueError(
-                f"dataset for task {task_id} has {len(source)} items but the stored references reach "
-                f"{int(refs.max())}; attach the dataset the task was populated from."
-            )
-
-    @staticmethod
-    def _check_task_id(task_id: int) -> int:
-        if isinstance(task_id, bool) or int(task_id) != task_id or int(task_id) < 0:
-            raise ValueError(f"task_id must be a non-negative int, got {task_id!r}.")
-        return int(task_id)
+        self.memory.attach(task_id, dataset)
 
     # ---- drawing --------------------------------------------------------------------------------
 
@@ -217,19 +151,20 @@ class ReplayBuffer(CLAlgorithm):
         if num == 0 or not tasks:
             return []
         if not balanced:
-            sizes = np.array([len(self._refs[t]) for t in tasks])
+            sizes = np.array([self.memory.size(t) for t in tasks])
             flat = rng.choice(int(sizes.sum()), size=num, replace=num > int(sizes.sum()))
             owner = np.searchsorted(np.cumsum(sizes), flat, side="right")
             starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
             return [
-                (tasks[o], int(self._refs[tasks[o]][f - starts[o]])) for o, f in zip(owner, flat, strict=True)
+                (tasks[o], int(self.memory.refs(tasks[o])[f - starts[o]]))
+                for o, f in zip(owner, flat, strict=True)
             ]
         counts = np.full(len(tasks), num // len(tasks), dtype=np.int64)
         # The remainder goes to distinct tasks picked at random, so no task is favoured by its position.
         counts[rng.choice(len(tasks), size=num % len(tasks), replace=False)] += 1
         pairs: list[tuple[int, int]] = []
         for task_id, count in zip(tasks, counts, strict=True):
-            refs = self._refs[task_id]
+            refs = self.memory.refs(task_id)
             picks = rng.choice(len(refs), size=int(count), replace=int(count) > len(refs))
             pairs.extend((task_id, int(refs[p])) for p in picks)
         # Task-grouped order would let a caller that truncates the batch drop the last tasks.
@@ -244,49 +179,38 @@ class ReplayBuffer(CLAlgorithm):
         return [ref for _, ref in self._draw(num, rng, self.balanced_sampling)]
 
     def _fetch(self, pairs: list[tuple[int, int]]) -> list[dict]:
-        return [self._source(t, self._datasets[t])[ref] for t, ref in pairs]
-
-    def _require_datasets(self) -> None:
-        missing = [t for t in self.get_task_ids() if t not in self._datasets]
-        if missing:
-            raise RuntimeError(
-                f"no dataset attached for task(s) {missing} restored from a checkpoint; call "
-                "attach_dataset(task_id, dataset) for each before sample()."
-            )
+        return [self.memory.item(t, ref) for t, ref in pairs]
 
     def sample(self, batch_size: int) -> list[dict]:
         """Sample a batch uniformly from all stored tasks; empty list if the buffer is empty."""
-        self._require_datasets()
+        self.memory.require_datasets()
         return self._fetch(self._draw(batch_size, self._rng, balanced=False))
 
     def sample_balanced(self, batch_size: int) -> list[dict]:
         """Sample a batch with equal representation from each stored task; empty list if empty."""
-        self._require_datasets()
+        self.memory.require_datasets()
         return self._fetch(self._draw(batch_size, self._rng, balanced=True))
 
     # ---- inspection -----------------------------------------------------------------------------
 
     def get_task_ids(self) -> list[int]:
         """Stored task ids, ascending."""
-        return sorted(self._refs)
+        return self.memory.task_ids()
 
     def get_task_size(self, task_id: int) -> int:
         """Number of samples stored for ``task_id`` (0 if none)."""
-        refs = self._refs.get(int(task_id))
-        return 0 if refs is None else len(refs)
+        return self.memory.size(task_id)
 
     def __len__(self) -> int:
-        return sum(len(r) for r in self._refs.values())
+        return len(self.memory)
 
     def memory_bytes(self) -> int:
         """Approximate bytes held for stored samples (8 per reference; frames live in the dataset)."""
-        return int(sum(r.nbytes for r in self._refs.values()))
+        return self.memory.memory_bytes()
 
     def clear(self) -> None:
         """Forget every stored task and attached dataset; the sampling generator is left as it is."""
-        self._refs.clear()
-        self._kinds.clear()
-        self._datasets.clear()
+        self.memory.clear()
 
     # ---- hooks ----------------------------------------------------------------------------------
 
@@ -309,9 +233,7 @@ class ReplayBuffer(CLAlgorithm):
             "seed": self.seed,
             "replay_batch_ratio": self.replay_batch_ratio,
             "balanced_sampling": self.balanced_sampling,
-            "tasks": {
-                str(t): {"kind": self._kinds[t], "refs": self._refs[t].tolist()} for t in self.get_task_ids()
-            },
+            "tasks": self.memory.state_dict(),
             "task_sizes": {str(t): self.get_task_size(t) for t in self.get_task_ids()},
             "rng_state": _rng_state_to_json(self._rng.bit_generator.state),
         }
@@ -323,30 +245,20 @@ class ReplayBuffer(CLAlgorithm):
         if state.get("version", _STATE_VERSION) != _STATE_VERSION:
             raise ValueError(f"unsupported ReplayBuffer state version {state.get('version')!r}; expected 1.")
         self._check_hparams(state["buffer_size_per_task"], state["replay_batch_ratio"])
-        refs: dict[int, np.ndarray] = {}
-        kinds: dict[int, str] = {}
-        for key, entry in state.get("tasks", {}).items():
-            task_id = self._check_task_id(int(key))
-            if entry["kind"] not in (_KIND_FRAME_INDICES, _KIND_POSITIONS):
-                raise ValueError(f"unknown reference kind {entry['kind']!r} for task {task_id}.")
-            refs[task_id] = np.asarray(entry["refs"], dtype=np.int64).reshape(-1)
-            kinds[task_id] = entry["kind"]
-            expected = state.get("task_sizes", {}).get(key, len(refs[task_id]))
-            if int(expected) != len(refs[task_id]):
-                raise ValueError(f"task {task_id} lists {expected} samples but holds {len(refs[task_id])}.")
+        tasks = state.get("tasks", {})
+        for key, entry in tasks.items():
+            expected = state.get("task_sizes", {}).get(key, len(entry["refs"]))
+            if int(expected) != len(entry["refs"]):
+                raise ValueError(f"task {int(key)} lists {expected} samples but holds {len(entry['refs'])}.")
+        self.memory.load_state_dict(tasks)  # validates every entry before replacing anything
         self.buffer_size_per_task = int(state["buffer_size_per_task"])
         self.seed = int(state["seed"])
+        self.memory.per_task, self.memory.seed = self.buffer_size_per_task, self.seed
         self.replay_batch_ratio = float(state["replay_batch_ratio"])
         self.balanced_sampling = bool(state["balanced_sampling"])
-        self._rng = np.random.default_rng([_entropy(self.seed), _SAMPLE_STREAM])
+        self._rng = np.random.default_rng([entropy(self.seed), _SAMPLE_STREAM])
         if "rng_state" in state:
             self._rng.bit_generator.state = _rng_state_from_json(state["rng_state"])
-        # A dataset attached before loading stays usable only for a task the state still holds.
-        datasets = {t: d for t, d in self._datasets.items() if t in refs and self._kinds.get(t) == kinds[t]}
-        self._refs, self._kinds, self._datasets = refs, kinds, {}
-        for task_id, dataset in datasets.items():
-            self._check_fits(task_id, dataset)
-            self._datasets[task_id] = dataset
 
     def __repr__(self) -> str:
         return (
@@ -356,4 +268,4 @@ class ReplayBuffer(CLAlgorithm):
         )
 
 
-__all__ = ["ReplayBuffer", "reservoir_sample"]
+__all__ = ["ReplayBuffer"]

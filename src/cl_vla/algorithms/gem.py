@@ -37,10 +37,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from scipy.optimize import nnls
-from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader
 
 from cl_vla.algorithms.base import CLAlgorithm, TaskContext
-from cl_vla.algorithms.er import reservoir_sample
+from cl_vla.algorithms.replay_memory import ReplayMemory, entropy
 
 _STATE_VERSION = 1
 
@@ -48,14 +48,6 @@ _STATE_VERSION = 1
 _POPULATE_STREAM = 11
 _STEP_STREAM = 12
 _SAMPLE_STREAM = 13
-
-_KIND_FRAME_INDICES = "frame_indices"  # global indices into ``dataset.base_dataset``
-_KIND_POSITIONS = "positions"  # positions into the dataset handed to ``populate``
-
-
-def _entropy(seed: int) -> int:
-    # SeedSequence rejects negative entropy; configs may still carry a negative seed.
-    return int(seed) % (1 << 64)
 
 
 def _positive_int(name: str, value: Any) -> int:
@@ -77,12 +69,6 @@ def _non_negative_float(name: str, value: Any) -> float:
     if not ok:
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}.")
     return float(value)
-
-
-def _check_task_id(task_id: Any) -> int:
-    if isinstance(task_id, bool) or not isinstance(task_id, int | np.integer) or int(task_id) < 0:
-        raise ValueError(f"task_id must be a non-negative int, got {task_id!r}.")
-    return int(task_id)
 
 
 # ---- the projections (pure math, tested on their own) -----------------------------------------------
@@ -122,112 +108,6 @@ def gem_project(g: torch.Tensor, G: torch.Tensor, margin: float = 0.0) -> torch.
     w, _ = nnls(A, b, maxiter=50 * max(10, G.shape[0]))
     v = torch.as_tensor(w + margin, dtype=G.dtype, device=G.device)
     return g + G.T @ v
-
-
-# ---- episodic memory ---------------------------------------------------------------------------------
-
-
-class EpisodicMemory:
-    """Per-task reservoir samples of dataset references (no frames), exact to checkpoint.
-
-    Like :class:`~cl_vla.algorithms.er.ReplayBuffer`: a dataset with ``frame_indices`` (a
-    ``TaskFilteredDataset``) gives global indices into its ``base_dataset``, any other dataset
-    positions into itself; the selection is Algorithm R seeded by ``(seed, task)`` only, so every DDP
-    rank holds the same memory without communicating.
-    """
-
-    def __init__(self, per_task: int, seed: int) -> None:
-        self.per_task = _positive_int("memory_per_task", per_task)
-        self.seed = int(seed)
-        self._refs: dict[int, np.ndarray] = {}
-        self._kinds: dict[int, str] = {}
-        self._datasets: dict[int, Any] = {}
-
-    def populate(self, task_id: int, dataset: Any) -> None:
-        """Select up to ``per_task`` references of ``dataset`` for ``task_id`` (replacing any earlier)."""
-        task_id = _check_task_id(task_id)
-        frame_indices = getattr(dataset, "frame_indices", None)
-        if frame_indices is not None:
-            stream, kind = np.asarray(frame_indices, dtype=np.int64).reshape(-1), _KIND_FRAME_INDICES
-        else:
-            stream, kind = np.arange(len(dataset), dtype=np.int64), _KIND_POSITIONS
-        if len(stream) == 0:
-            raise ValueError(f"cannot fill the episodic memory of task {task_id} from an empty dataset.")
-        rng = np.random.default_rng([_entropy(self.seed), _POPULATE_STREAM, task_id])
-        self._refs[task_id] = reservoir_sample(stream, self.per_task, rng)
-        self._kinds[task_id] = kind
-        self._datasets[task_id] = dataset
-
-    def attach(self, task_id: int, dataset: Any) -> None:
-        """Give a task restored from a checkpoint its dataset back (its references point into it)."""
-        task_id = _check_task_id(task_id)
-        if task_id not in self._refs:
-            raise KeyError(f"task {task_id} has no episodic memory; stored tasks are {self.task_ids()}.")
-        source = self._source(task_id, dataset)
-        refs = self._refs[task_id]
-        if hasattr(source, "__len__") and len(refs) and int(refs.max()) >= len(source):
-            raise ValueError(
-                f"dataset for task {task_id} has {len(source)} items but the memory references reach "
-                f"{int(refs.max())}; attach the dataset the task was populated from."
-            )
-        self._datasets[task_id] = dataset
-
-    def _source(self, task_id: int, dataset: Any) -> Any:
-        if self._kinds[task_id] == _KIND_FRAME_INDICES:
-            return getattr(dataset, "base_dataset", dataset)
-        return dataset
-
-    def task_ids(self) -> list[int]:
-        return sorted(self._refs)
-
-    def size(self, task_id: int) -> int:
-        refs = self._refs.get(int(task_id))
-        return 0 if refs is None else len(refs)
-
-    def __len__(self) -> int:
-        return sum(len(r) for r in self._refs.values())
-
-    def refs(self, task_id: int) -> np.ndarray:
-        """The stored references of ``task_id`` (a copy)."""
-        return self._refs[int(task_id)].copy()
-
-    def dataset(self, pairs: Sequence[tuple[int, int]]) -> Dataset:
-        """The items at ``(task_id, position in that task's memory)`` pairs, as one dataset."""
-        missing = sorted({t for t, _ in pairs if t not in self._datasets})
-        if missing:
-            raise RuntimeError(
-                f"no dataset attached for memory task(s) {missing} restored from a checkpoint; call "
-                "attach_dataset(task_id, dataset) for each first."
-            )
-        parts: list[Dataset] = []
-        for task_id, pos in pairs:
-            ref = int(self._refs[task_id][pos])
-            source = self._source(task_id, self._datasets[task_id])
-            # Consecutive items of one task go into one Subset; ConcatDataset keeps the given order.
-            if parts and isinstance(parts[-1], Subset) and parts[-1].dataset is source:
-                parts[-1].indices.append(ref)
-            else:
-                parts.append(Subset(source, [ref]))
-        return parts[0] if len(parts) == 1 else ConcatDataset(parts)
-
-    def memory_bytes(self) -> int:
-        return int(sum(r.nbytes for r in self._refs.values()))
-
-    def state_dict(self) -> dict[str, Any]:
-        return {str(t): {"kind": self._kinds[t], "refs": self._refs[t].tolist()} for t in self.task_ids()}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        refs: dict[int, np.ndarray] = {}
-        kinds: dict[int, str] = {}
-        for key, entry in state.items():
-            task_id = _check_task_id(int(key))
-            if entry["kind"] not in (_KIND_FRAME_INDICES, _KIND_POSITIONS):
-                raise ValueError(f"unknown memory reference kind {entry['kind']!r} for task {task_id}.")
-            refs[task_id] = np.asarray(entry["refs"], dtype=np.int64).reshape(-1)
-            kinds[task_id] = entry["kind"]
-        # An attached dataset stays only where the restored task still reads from the same kind.
-        keep = {t: d for t, d in self._datasets.items() if t in refs and self._kinds.get(t) == kinds[t]}
-        self._refs, self._kinds, self._datasets = refs, kinds, keep
 
 
 # ---- gradients -------------------------------------------------------------------------------------
@@ -307,7 +187,7 @@ class EpisodicGradientAlgorithm(CLAlgorithm):
         self.memory_batch_size = int(memory_batch_size)
         self.margin = float(margin)
         self.seed = int(seed)
-        self._memory = EpisodicMemory(self.memory_per_task, self.seed)
+        self._memory = ReplayMemory(self.memory_per_task, self.seed, stream=_POPULATE_STREAM)
         self._make_loader: Callable[..., Iterable[dict]] | None = None
         #: Gradient edits done so far (the step counter that seeds each step's memory draw) and how
         #: many of them changed the gradient; both checkpointed so a resume draws the same batches.
@@ -354,10 +234,10 @@ class EpisodicGradientAlgorithm(CLAlgorithm):
 
     def sample(self, batch_size: int) -> list[dict]:
         """The seed interface: ``batch_size`` memory frames drawn uniformly (empty before any task ends)."""
-        rng = np.random.default_rng([_entropy(self.seed), _SAMPLE_STREAM, self._sample_calls])
+        rng = np.random.default_rng([entropy(self.seed), _SAMPLE_STREAM, self._sample_calls])
         self._sample_calls += 1
         pairs = self._draw_across(rng, int(batch_size), replace=True)
-        ds = self._memory.dataset(pairs) if pairs else None
+        ds = self._memory.subset(self._refs_of(pairs)) if pairs else None
         return [] if ds is None else [ds[i] for i in range(len(ds))]
 
     def hparams(self) -> dict[str, Any]:
@@ -376,13 +256,13 @@ class EpisodicGradientAlgorithm(CLAlgorithm):
     # ---- memory draws and gradients ---------------------------------------------------------------
 
     @property
-    def memory(self) -> EpisodicMemory:
+    def memory(self) -> ReplayMemory:
         return self._memory
 
     def _step_rng(self) -> np.random.Generator:
         # A pure function of (seed, rank, step): ranks draw different frames, a resume the same ones.
         rank, _ = _distributed()
-        return np.random.default_rng([_entropy(self.seed), _STEP_STREAM, rank, self.num_steps])
+        return np.random.default_rng([entropy(self.seed), _STEP_STREAM, rank, self.num_steps])
 
     def _draw_within(self, rng: np.random.Generator, task_id: int) -> list[tuple[int, int]]:
         size = self._memory.size(task_id)
@@ -404,8 +284,12 @@ class EpisodicGradientAlgorithm(CLAlgorithm):
         starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
         return [(tasks[o], int(f - starts[o])) for o, f in zip(owner, flat, strict=True)]
 
+    def _refs_of(self, pairs: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+        """``(task, position in its memory)`` pairs as ``(task, reference)`` pairs."""
+        return [(t, int(self._memory.refs(t)[pos])) for t, pos in pairs]
+
     def _load_batch(self, pairs: Sequence[tuple[int, int]]) -> dict:
-        ds = self._memory.dataset(pairs)
+        ds = self._memory.subset(self._refs_of(pairs))
         kwargs = {"batch_size": len(ds), "shuffle": False, "num_workers": 0}
         if self._make_loader is not None:
             loader = self._make_loader(ds, **kwargs)
@@ -521,7 +405,6 @@ class GEM(EpisodicGradientAlgorithm):
 __all__ = [
     "GEM",
     "EpisodicGradientAlgorithm",
-    "EpisodicMemory",
     "flat_grad",
     "gem_project",
     "trainable_parameters",

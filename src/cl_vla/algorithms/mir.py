@@ -14,7 +14,8 @@ from torch.func import functional_call
 from torch.utils.data import default_collate
 
 from cl_vla.algorithms.der import eval_mode, forked_rng, take_rows
-from cl_vla.algorithms.er import ReplayBuffer, _entropy, _is_positive_int
+from cl_vla.algorithms.er import ReplayBuffer, _is_positive_int
+from cl_vla.algorithms.replay_memory import entropy
 
 # A stream word of its own, so candidate draws never coincide with ER's populate/sample streams (1, 2).
 _CANDIDATE_STREAM = 3
@@ -113,7 +114,7 @@ class MIR(ReplayBuffer):
     def candidate_pairs(self, task: int, rank: int, step: int) -> tuple[list[tuple[int, int]], int]:
         """One step's ``(task, reference)`` candidates (uniform, distinct while the buffer allows) and the
         seed of the noise both scoring passes share; a pure function of ``(seed, task, rank, step)``."""
-        rng = np.random.default_rng([_entropy(self.seed), _CANDIDATE_STREAM, int(task), int(rank), int(step)])
+        rng = np.random.default_rng([entropy(self.seed), _CANDIDATE_STREAM, int(task), int(rank), int(step)])
         pairs = self._draw(min(self.mir_candidates, len(self)), rng, balanced=False)
         return pairs, int(rng.integers(2**62))
 
@@ -125,7 +126,7 @@ class MIR(ReplayBuffer):
         params = {n: p for n, p in policy.named_parameters() if p.requires_grad and p.grad is not None}
         if not params:
             return
-        self._require_datasets()
+        self.memory.require_datasets()
         step = int(getattr(module, "global_step", 0))
         task, rank = int(getattr(module, "task", 0)), int(getattr(module, "global_rank", 0))
         pairs, noise_seed = self.candidate_pairs(task, rank, step)
