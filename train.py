@@ -9,7 +9,7 @@ import hydra
 from omegaconf import DictConfig
 
 from cl_vla.cli import run_main
-from cl_vla.config import register_configs
+from cl_vla.config.schema import register_configs
 
 register_configs()
 

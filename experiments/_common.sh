@@ -13,5 +13,5 @@ sweep() {
   local dir="${SWEEP_DIR:-multirun/$name/$(stamp)}"
   echo "sweep $name -> $dir"
   "$PYTHON" train.py -m "experiment.name=$name" "$@" "hydra.sweep.dir=$dir"
-  "$PYTHON" -m cl_vla.report "$dir" ${REPORT_ARGS:-}
+  "$PYTHON" -m cl_vla.results.sweep_report "$dir" ${REPORT_ARGS:-}
 }

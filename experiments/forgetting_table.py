@@ -44,8 +44,8 @@ def main() -> None:
 
     from cl_vla.data.synthetic import SyntheticSpec, write_synthetic_dataset
     from cl_vla.data.task_sequences import get_task_sequence
-    from cl_vla.in_process import run_in_process, sequence_overrides
     from cl_vla.paths import cache_dir, conf_dir
+    from cl_vla.training.in_process import run_in_process, sequence_overrides
 
     algos = (
         sorted(q.stem for q in (conf_dir() / "algorithm").glob("*.yaml"))

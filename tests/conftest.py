@@ -62,13 +62,13 @@ def synthetic_overrides(root: str | Path, repo_id: str) -> list[str]:
 def in_process_overrides(
     algo: str, root: str | Path, repo_id: str, name: str, steps: int, model: str = "tiny_vla"
 ) -> list[str]:
-    """Overrides for an in-process run (``cl_vla.in_process.compose_run``) of ``algo`` on LIBERO-Spatial's
+    """Overrides for an in-process run (``cl_vla.training.in_process.compose_run``) of ``algo`` on LIBERO-Spatial's
     first two instructions of the fixture dataset: batch 4, 16 px, no workers, no logger.
 
     ``model``: ``tiny_vla`` (16 px) or a tiny twin of a hub VLA (``smolvla_tiny``...: its own
     image size, the held-out evaluation cut to 2 batches a task)."""
     from cl_vla.data.task_sequences import get_task_sequence
-    from cl_vla.in_process import sequence_overrides
+    from cl_vla.training.in_process import sequence_overrides
 
     return [
         f"algorithm={algo}",
@@ -89,7 +89,7 @@ def compose_config(*overrides: str):
     """``conf/`` composed with ``overrides`` as train.py would (no Hydra run: output_dir unset)."""
     from hydra import compose, initialize_config_dir
 
-    from cl_vla.config import register_configs
+    from cl_vla.config.schema import register_configs
 
     register_configs()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
@@ -196,7 +196,7 @@ def synthetic_libero(synthetic_dataset_factory) -> tuple[Path, str, object]:
 def train_in_process(overrides: Sequence[str], run_dir: Path) -> dict:
     """What ``train.py <overrides>`` does, in this process (no interpreter start-up: seconds a run on
     a 2-core machine), writing into ``run_dir``; returns its ``results.json``."""
-    from cl_vla.in_process import run_in_process
+    from cl_vla.training.in_process import run_in_process
 
     run_in_process(list(overrides), run_dir)
     return json.loads((run_dir / "results.json").read_text())

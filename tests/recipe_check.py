@@ -16,7 +16,7 @@ def check_multirun(overrides: list[str]) -> int:
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     from cl_vla.cli import build_algorithm, validate_config
-    from cl_vla.config import register_configs
+    from cl_vla.config.schema import register_configs
     from cl_vla.paths import conf_dir
 
     register_configs()
@@ -40,7 +40,7 @@ def check_multirun(overrides: list[str]) -> int:
 def main(args: list[str]) -> None:
     log = Path(os.environ["RECIPE_LOG"])
     seen = json.loads(log.read_text()) if log.exists() else {}
-    if args[:2] == ["-m", "cl_vla.report"]:
+    if args[:2] == ["-m", "cl_vla.results.sweep_report"]:
         seen["report"] = args[2:]
     elif Path(args[0]).name == "train.py" and args[1] == "-m":
         seen["jobs"] = check_multirun(args[2:])

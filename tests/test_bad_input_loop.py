@@ -10,7 +10,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from cl_vla.cli import build_algorithm, run_main, validate_config
-from cl_vla.config import register_configs
+from cl_vla.config.schema import register_configs
 from cl_vla.errors import ConfigError
 from conftest import CONF_DIR, run_train
 

@@ -7,7 +7,7 @@ import pytest
 from cl_vla.algorithms.er import ReplayBuffer
 from cl_vla.algorithms.sequential import Sequential
 from cl_vla.cli import build_algorithm, prepare_data, run_main, validate_config
-from cl_vla.config import register_configs
+from cl_vla.config.schema import register_configs
 from cl_vla.data import get_task_sequence
 from cl_vla.errors import ConfigError, DataError
 from conftest import CONF_DIR, last_line, run_train, synthetic_overrides

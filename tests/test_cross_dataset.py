@@ -86,7 +86,7 @@ def _assert_same_run(got: Path, ref: Path, what: str) -> None:
 def test_er_replays_across_datasets_and_resumes_exactly(tmp_path: Path) -> None:
     from torch.utils.data import default_collate
 
-    from cl_vla.in_process import run_in_process
+    from cl_vla.training.in_process import run_in_process
 
     overrides = _overrides("er")
     ref = tmp_path / "ref"
@@ -129,7 +129,7 @@ def test_er_replays_across_datasets_and_resumes_exactly(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("algo", ["sequential", "derpp", "agem"])
 def test_other_algorithms_run_across_datasets(algo: str, tmp_path: Path) -> None:
-    from cl_vla.in_process import run_in_process
+    from cl_vla.training.in_process import run_in_process
 
     results, _, _ = run_in_process(_overrides(algo), tmp_path)
     R = np.asarray(results["matrix"], dtype=float)
@@ -143,7 +143,7 @@ def _first_step(value: torch.Tensor) -> torch.Tensor:
 def test_normalization_pools_the_datasets_stored_statistics(tmp_path: Path) -> None:
     """seen_tasks after task 1 = statistics of the frames of both datasets' training episodes."""
     from cl_vla.data.stats import select_stats
-    from cl_vla.in_process import compose_run
+    from cl_vla.training.in_process import compose_run
 
     _, _, data, _ = compose_run(_overrides("sequential"), tmp_path)
     train_eps = [s.train_episodes for s in data.streams]
@@ -163,7 +163,7 @@ def test_normalization_pools_the_datasets_stored_statistics(tmp_path: Path) -> N
 
 def test_a_dataset_left_without_a_feature_of_the_first_is_refused_in_one_sentence(tmp_path: Path) -> None:
     from cl_vla.errors import DataError
-    from cl_vla.in_process import compose_run
+    from cl_vla.training.in_process import compose_run
 
     with pytest.raises(DataError) as info:
         compose_run(
@@ -227,7 +227,7 @@ def test_cross_suite_libero_recipe_composes_and_fails_offline_in_one_sentence(tm
     from hydra import compose, initialize_config_dir
 
     from cl_vla.cli import prepare_data, validate_config
-    from cl_vla.config import register_configs
+    from cl_vla.config.schema import register_configs
     from cl_vla.data.cross_sequence import parse_cross_sequence
     from cl_vla.errors import DataError
     from cl_vla.paths import conf_dir
@@ -272,7 +272,7 @@ def test_a_cross_dataset_sequence_is_given_on_the_command_line(tmp_path: Path) -
     from hydra import compose, initialize_config_dir
 
     from cl_vla.cli import validate_config
-    from cl_vla.config import register_configs
+    from cl_vla.config.schema import register_configs
     from cl_vla.data.cross_sequence import parse_cross_sequence
     from cl_vla.paths import conf_dir
 
@@ -310,8 +310,8 @@ def _ddp_rank(rank: int, port: int, out: str, root: str) -> None:
     )
     from rich.console import Console
 
-    from cl_vla.in_process import compose_run
-    from cl_vla.loop import run_continual
+    from cl_vla.training.in_process import compose_run
+    from cl_vla.training.loop import run_continual
 
     try:
         # The parent's datasets: a spawned process imports conftest anew, with a session folder of its own.
@@ -331,7 +331,7 @@ def test_er_across_datasets_under_ddp_ranks_agree(tmp_path: Path) -> None:
     """Two DDP ranks (gloo) replay across the three datasets; both end with the same replay buffer."""
     import torch.multiprocessing as mp
 
-    from cl_vla.in_process import compose_run
+    from cl_vla.training.in_process import compose_run
 
     compose_run(_overrides("er"), tmp_path / "write")  # the datasets, written once before the ranks read them
     ctx = mp.start_processes(

@@ -56,7 +56,7 @@ def _sim_eval_rank(rank: int, world: int, port: int, out_dir: str) -> None:
     import torch.distributed as dist
     from lerobot.configs.types import FeatureType, PolicyFeature
 
-    from cl_vla.envs.rollout import MetaworldEvaluator
+    from cl_vla.envs.metaworld_eval import MetaworldEvaluator
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)

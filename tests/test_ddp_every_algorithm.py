@@ -37,8 +37,8 @@ def _rank(rank: int, port: int, root: str, repo_id: str, out: str) -> None:
     )
     from rich.console import Console
 
-    from cl_vla.in_process import compose_run
-    from cl_vla.loop import run_continual
+    from cl_vla.training.in_process import compose_run
+    from cl_vla.training.loop import run_continual
 
     for algo in ALGORITHMS:
         run_dir = Path(out) / algo

@@ -92,7 +92,7 @@ def _overrides(algo: str, synthetic_libero, model: str = "tiny_vla") -> list[str
 
 
 def _digest(state) -> str:
-    from cl_vla.loop import _hash_into
+    from cl_vla.training.loop import _hash_into
 
     digest = hashlib.sha256()
     _hash_into(digest, state)
@@ -123,7 +123,7 @@ def test_every_hook_is_reached_and_resume_is_exact(algo, synthetic_libero, tmp_p
 
 def check_hooks_and_resume(model: str, algo: str, synthetic_libero, tmp_path: Path) -> None:
     """Hook reachability, then exact resume mid-task and at the task boundary, for ``model`` x ``algo``."""
-    from cl_vla.in_process import run_in_process
+    from cl_vla.training.in_process import run_in_process
 
     overrides = _overrides(algo, synthetic_libero, model)
     ref, cut = tmp_path / "ref", tmp_path / "cut"

@@ -164,7 +164,7 @@ def test_a_bad_libero_setting_stops_train_py_with_one_sentence_before_training(t
     from hydra import compose, initialize_config_dir
 
     from cl_vla.cli import run_main
-    from cl_vla.config import register_configs
+    from cl_vla.config.schema import register_configs
 
     register_configs()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
@@ -194,7 +194,7 @@ def libero_run(tmp_path_factory):
     import libero.libero.utils.download_utils as download_utils
 
     from cl_vla.envs.libero_eval import LiberoEvaluator
-    from cl_vla.in_process import run_in_process
+    from cl_vla.training.in_process import run_in_process
 
     captured: list[dict] = []
     downloads: list[tuple] = []

@@ -54,7 +54,7 @@ def test_er_libero_spatial_end_to_end(synthetic_libero, tmp_path):
     ]
     assert "ACC" in proc.stdout and "BWT" in proc.stdout
 
-    from cl_vla.wandb_offline import read_offline_run
+    from cl_vla.tracking.wandb_offline import read_offline_run
 
     (wb,) = list((run_dir / "wandb").glob("offline-run-*"))
     run = read_offline_run(wb)

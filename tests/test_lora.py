@@ -17,7 +17,7 @@ from lerobot.policies.factory import make_policy_config
 import cl_vla.policies  # noqa: F401  (registers tiny_vla)
 from cl_vla.algorithms.base import TaskContext
 from cl_vla.algorithms.lora import PerTaskLoRA
-from cl_vla.lora_utils import (
+from cl_vla.policies.lora import (
     activate_adapter,
     apply_model_lora,
     count_parameters,

@@ -50,7 +50,7 @@ def recorded():
 
     from hydra import compose, initialize_config_dir
 
-    from cl_vla.config import register_configs
+    from cl_vla.config.schema import register_configs
     from cl_vla.data.task_sequences import TaskSequence
     from cl_vla.envs.metaworld_record import ensure_recorded
 
@@ -164,7 +164,7 @@ def test_unknown_task_name_stops_the_cli_before_recording(tmp_path, capsys):
     from hydra import compose, initialize_config_dir
 
     from cl_vla.cli import run_main
-    from cl_vla.config import register_configs
+    from cl_vla.config.schema import register_configs
 
     register_configs()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
@@ -238,7 +238,7 @@ def test_policy_features_that_metaworld_cannot_provide_are_refused():
 def test_evaluation_seeds_must_be_disjoint_from_the_demonstrations():
     from lerobot.configs.types import FeatureType, PolicyFeature
 
-    from cl_vla.envs.rollout import MetaworldEvaluator
+    from cl_vla.envs.metaworld_eval import MetaworldEvaluator
     from cl_vla.errors import ConfigError
 
     policy_cfg = types.SimpleNamespace(

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from cl_vla.metrics import (
+from cl_vla.evaluation.metrics import (
     LEVEL_METRICS,
     SCALAR_METRICS,
     CLMetrics,

@@ -11,7 +11,7 @@ import torch
 from omegaconf import OmegaConf
 
 from cl_vla.errors import ConfigError, DataError
-from cl_vla.models import build_policy_config, model_choices
+from cl_vla.policies.configs import build_policy_config, model_choices
 from conftest import CONF_DIR
 
 HUB_MODELS = ["smolvla", "pi0", "pi05", "groot"]

@@ -7,7 +7,7 @@ import torch
 
 from cl_vla.algorithms.sequential import Sequential
 from cl_vla.errors import CLVLAError
-from cl_vla.module import CLPolicyModule
+from cl_vla.training.module import CLPolicyModule
 
 
 def _module(reset: bool) -> CLPolicyModule:

@@ -12,8 +12,8 @@ import pytest
 from matplotlib.figure import Figure
 from rich.console import Console
 
-from cl_vla.metrics import CLMetrics, compute_metrics
-from cl_vla.reporting import (
+from cl_vla.evaluation.metrics import CLMetrics, compute_metrics
+from cl_vla.results.run_files import (
     format_matrix_table,
     format_metrics_table,
     heatmap_figure,

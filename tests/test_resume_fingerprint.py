@@ -13,7 +13,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from cl_vla.cli import validate_config
-from cl_vla.resume_fingerprint import (
+from cl_vla.config.fingerprint import (
     MAY_CHANGE_ON_RESUME,
     ResumeMismatch,
     check_resume_config,
@@ -105,7 +105,7 @@ def test_schema_fields_are_all_in_the_fingerprint_or_allowed():
     import dataclasses
     import typing
 
-    from cl_vla.config import Config
+    from cl_vla.config.schema import Config
 
     keys = set(_settings(_compose()))
 

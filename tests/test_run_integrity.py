@@ -39,7 +39,7 @@ def _overrides(synthetic_libero) -> list[str]:
 
 def _resumed(overrides: list[str], out_dir: Path) -> dict:
     """Resume in this process; returns the resumed run's results.json (written in the original run dir)."""
-    from cl_vla.in_process import run_in_process
+    from cl_vla.training.in_process import run_in_process
 
     return run_in_process(overrides, out_dir)[0]
 
@@ -191,7 +191,7 @@ def test_output_dir_under_a_file_is_one_sentence(tmp_path):
 
 
 def test_resume_of_a_run_another_process_writes_is_refused(synthetic_libero, run_copy, capsys, tmp_path):
-    from cl_vla.run_dir import RunLock
+    from cl_vla.training.run_dir import RunLock
 
     before = tree_digest(run_copy)
     held = RunLock(run_copy).acquire()  # stands for a first resume still running
@@ -218,7 +218,7 @@ class Crash(RuntimeError):
 def test_run_killed_before_first_checkpoint_restarts_from_the_beginning(
     synthetic_libero, finished_run, tmp_path
 ):
-    from cl_vla.in_process import run_in_process
+    from cl_vla.training.in_process import run_in_process
 
     def crash_at_first_step(algorithm) -> None:
         def observe(batch, **kwargs):
@@ -268,7 +268,7 @@ def test_mid_task_resume_cleans_temporaries_reads_once_and_reports_run_dir(
 
 
 def test_resume_loads_the_checkpoint_once(synthetic_libero, run_copy, tmp_path, monkeypatch):
-    import cl_vla.checkpointing as ckpt_mod
+    import cl_vla.training.checkpointing as ckpt_mod
 
     loads: list[str] = []
     real_load = torch.load
@@ -283,7 +283,7 @@ def test_resume_loads_the_checkpoint_once(synthetic_libero, run_copy, tmp_path, 
 
 
 def test_checkpoint_write_is_durable_and_digested(tmp_path, monkeypatch):
-    from cl_vla.checkpointing import file_sha256, recorded_digests, write_checkpoint
+    from cl_vla.training.checkpointing import file_sha256, recorded_digests, write_checkpoint
 
     synced: list[int] = []
     real_fsync = os.fsync
@@ -305,7 +305,7 @@ def test_new_run_into_an_existing_run_folder_is_refused(synthetic_libero, run_co
 
 def test_truncated_checkpoint_without_digest_is_called_corrupt(finished_run, tmp_path, capsys):
     """A checkpoint from before digests existed (no sidecar) is still checked by loading it."""
-    from cl_vla.checkpointing import CheckpointError, digest_path, read_checkpoint
+    from cl_vla.training.checkpointing import CheckpointError, digest_path, read_checkpoint
 
     ckpt = tmp_path / "task_00.ckpt"
     good = (finished_run / "checkpoints" / "task_00.ckpt").read_bytes()
@@ -322,7 +322,7 @@ def test_truncated_checkpoint_without_digest_is_called_corrupt(finished_run, tmp
 def test_lock_on_a_file_system_without_flock_warns_and_runs(tmp_path, monkeypatch):
     import errno
 
-    import cl_vla.run_dir as run_dir_mod
+    import cl_vla.training.run_dir as run_dir_mod
 
     def no_locks(fd, op):
         raise OSError(errno.ENOLCK, "No locks available")
@@ -334,8 +334,8 @@ def test_lock_on_a_file_system_without_flock_warns_and_runs(tmp_path, monkeypatc
 
 
 def test_state_json_without_a_checkpoint_is_one_sentence(run_copy):
-    from cl_vla.checkpointing import CheckpointError
-    from cl_vla.run_dir import resolve_resume
+    from cl_vla.training.checkpointing import CheckpointError
+    from cl_vla.training.run_dir import resolve_resume
 
     (run_copy / "checkpoints" / "state.json").write_text("{}")
     with pytest.raises(CheckpointError, match="names no checkpoint"):
@@ -343,7 +343,7 @@ def test_state_json_without_a_checkpoint_is_one_sentence(run_copy):
 
 
 def test_memory_plan_rule_follows_ewc_mode_and_names_unknown_algorithms():
-    from cl_vla.memory_plan import rule_name
+    from cl_vla.training.memory_plan import rule_name
 
     assert rule_name("ewc", {"mode": "online"}) == "ewc_online"
     assert rule_name("ewc_online", {"mode": "separate"}) == "ewc"
@@ -353,7 +353,7 @@ def test_memory_plan_rule_follows_ewc_mode_and_names_unknown_algorithms():
 
 def test_bad_normalization_mode_is_one_sentence():
     from cl_vla.errors import ConfigError
-    from cl_vla.models import build_policy_config
+    from cl_vla.policies.configs import build_policy_config
 
     with pytest.raises(ConfigError, match=r"model.normalization_mapping.ACTION='bogus' is not allowed"):
         build_policy_config({"type": "tiny_vla", "normalization_mapping": {"ACTION": "bogus"}}, None)

@@ -70,7 +70,7 @@ def _copy(sweep_dir: Path, dest: Path) -> Path:
 
 
 def _report(sweep_dir: Path, out: Path, capsys, *extra: str) -> tuple[int, str, str]:
-    from cl_vla.report import main
+    from cl_vla.results.sweep_report import main
 
     code = main([str(sweep_dir), "--out", str(out), "--metric", *METRICS.values(), *extra])
     captured = capsys.readouterr()
@@ -139,7 +139,7 @@ def test_report_table_matches_the_runs_results(sweep, tmp_path, capsys):
 def test_wandb_run_carries_sweep_group_and_swept_values(sweep):
     from wandb.proto import wandb_internal_pb2 as pb
 
-    from cl_vla.wandb_offline import _payloads, read_offline_run
+    from cl_vla.tracking.wandb_offline import _payloads, read_offline_run
 
     sweep_dir, _ = sweep
     (wb,) = (sweep_dir / "3_algorithm.replay_batch_ratio=0.5,seed=1" / "wandb").glob("offline-run-*")
@@ -235,7 +235,7 @@ def test_slurm_launcher_without_its_plugin_fails_with_one_sentence(tmp_path):
 
 
 def test_job_dirname_stays_short():
-    from cl_vla.sweep import _dirname
+    from cl_vla.tracking.sweep import _dirname
 
     name = _dirname({"task_sequence.tasks": "['" + "x" * 400 + "']", "seed": "1"})
     assert len(name) <= 180 and "/" not in name

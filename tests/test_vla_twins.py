@@ -20,7 +20,7 @@ TWINS = ("smolvla_tiny", "pi0_tiny", "pi05_tiny", "groot_tiny")
 
 
 def _compose(synthetic_libero, tmp_path: Path, model: str, *extra: str):
-    from cl_vla.in_process import compose_run
+    from cl_vla.training.in_process import compose_run
 
     root, repo_id, _ = synthetic_libero
     overrides = in_process_overrides("sequential", root, repo_id, "twin2", 2, model=model)
@@ -83,8 +83,8 @@ def test_per_task_export_loads_with_from_pretrained_and_acts_the_same(model, syn
     """After a 2-task run, ``export/task_01`` loads with lerobot's ``from_pretrained`` (policy and
     processors) and predicts the same actions as the run's final checkpoint."""
     from cl_vla.data.stats import unflatten_stats
-    from cl_vla.in_process import run_in_process
     from cl_vla.policies.factory import load_policy, make_policy, make_processors
+    from cl_vla.training.in_process import run_in_process
 
     root, repo_id, _ = synthetic_libero
     out = tmp_path / "run"
@@ -190,7 +190,7 @@ def test_tokenizer_not_found_offline_stops_train_py_with_one_sentence(synthetic_
     from hydra import compose, initialize_config_dir
 
     from cl_vla.cli import run_main
-    from cl_vla.config import register_configs
+    from cl_vla.config.schema import register_configs
     from conftest import CONF_DIR
 
     root, repo_id, _ = synthetic_libero
@@ -247,7 +247,7 @@ def _state_param_names(state) -> set[str]:
 def test_cl_state_covers_only_parameters_that_train_with_the_policy_recipe(
     algo, extra, frozen, trained, synthetic_libero, tmp_path
 ):
-    from cl_vla.in_process import run_in_process
+    from cl_vla.training.in_process import run_in_process
 
     root, repo_id, _ = synthetic_libero
     out = tmp_path / "run"
@@ -269,7 +269,7 @@ def test_cl_state_covers_only_parameters_that_train_with_the_policy_recipe(
 
 def test_memory_plan_counts_the_real_models_on_the_meta_device():
     """Full-size parameter counts without weights or hub (SmolVLA's backbone config reproduced in code)."""
-    from cl_vla.memory_plan import GB, Plan, count_hub_model
+    from cl_vla.training.memory_plan import GB, Plan, count_hub_model
 
     smolvla = count_hub_model("smolvla")
     assert 0.43e9 < smolvla.total < 0.47e9 and smolvla.trainable < 0.25 * smolvla.total  # expert only
@@ -282,8 +282,8 @@ def test_memory_plan_counts_the_real_models_on_the_meta_device():
 
 
 def test_memory_plan_refuses_before_the_first_step(synthetic_libero, tmp_path, monkeypatch):
-    import cl_vla.memory_plan as mp
-    from cl_vla.in_process import run_in_process
+    import cl_vla.training.memory_plan as mp
+    from cl_vla.training.in_process import run_in_process
 
     monkeypatch.setattr(mp, "device_capacity", lambda accelerator: ("cuda", 1024.0**2))  # a 1 MB GPU
     root, repo_id, _ = synthetic_libero
@@ -297,7 +297,7 @@ def test_memory_plan_refuses_before_the_first_step(synthetic_libero, tmp_path, m
 
 
 def test_memory_plan_command_prints_without_training(capsys):
-    from cl_vla.memory_plan import main
+    from cl_vla.training.memory_plan import main
 
     main(["model=pi0", "algorithm=gem", "task_sequence=libero_spatial"])
     text = capsys.readouterr().out
@@ -309,8 +309,8 @@ def test_bf16_mixed_precision_keeps_cl_state_in_fp32(synthetic_libero, tmp_path)
     optimizer and EWC's Fisher and anchors stay fp32 (only autocast matmuls run in bf16)."""
     from hydra import compose, initialize_config_dir
 
-    from cl_vla.config import register_configs
-    from cl_vla.in_process import run_in_process
+    from cl_vla.config.schema import register_configs
+    from cl_vla.training.in_process import run_in_process
     from conftest import CONF_DIR
 
     register_configs()

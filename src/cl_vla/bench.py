@@ -57,7 +57,7 @@ def steady_steps_per_s(stamps: list[float], steps: int) -> float:
 
 def run_one(algo: str, steps: int, batch: int, workers: int, out: Path, extra: list[str]) -> dict:
     from cl_vla.data.task_sequences import get_task_sequence
-    from cl_vla.in_process import run_in_process, sequence_overrides
+    from cl_vla.training.in_process import run_in_process, sequence_overrides
 
     tasks = list(get_task_sequence("libero_spatial").tasks[:2])
     overrides = [

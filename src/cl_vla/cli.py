@@ -9,7 +9,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from cl_vla.config import apply_seed_aliases
+from cl_vla.config.schema import apply_seed_aliases
 from cl_vla.errors import CLVLAError, ConfigError, one_of
 
 log = logging.getLogger("cl_vla")
@@ -49,7 +49,7 @@ def validate_config(cfg: DictConfig) -> DictConfig:
     if cfg.eval.type not in ("heldout", "sim"):
         raise ConfigError(f"eval.type={cfg.eval.type!r} is not allowed; choose {one_of(['heldout', 'sim'])}.")
     if cfg.eval.type == "sim":
-        from cl_vla.evaluation import check_sim_config
+        from cl_vla.evaluation.simulators import check_sim_config
 
         check_sim_config(cfg)
     if "_target_" not in cfg.algorithm:
@@ -110,7 +110,7 @@ def prepare_data(cfg: DictConfig, policy_type_cfg: Any | None = None):
     from cl_vla.data.streams import build_continual_data, ensure_synthetic, open_dataset
     from cl_vla.data.task_sequences import TaskSequence
     from cl_vla.data.windows import WindowedDataset, split_deltas
-    from cl_vla.models import build_policy_config
+    from cl_vla.policies.configs import build_policy_config
 
     if is_cross_dataset(cfg.task_sequence):  # each task names its own dataset
         return prepare_cross_data(cfg, _device(cfg))
@@ -158,7 +158,7 @@ def run_main(cfg: DictConfig) -> float | None:
         cfg = validate_config(cfg)
         if not cfg.dry_run:
             check_accelerator(cfg.trainer)  # this machine's: recipes for GPUs still validate anywhere
-        from cl_vla.run_dir import open_run
+        from cl_vla.training.run_dir import open_run
 
         # Before any data or model: a refused resume or a busy run directory costs nothing.
         handle = open_run(cfg, claim=not cfg.dry_run)
@@ -167,7 +167,7 @@ def run_main(cfg: DictConfig) -> float | None:
         console.print(_task_table(data))
         if cfg.dry_run:
             return None
-        from cl_vla.loop import run_continual
+        from cl_vla.training.loop import run_continual
 
         return run_continual(cfg, data, policy_cfg, algorithm, console=console, handle=handle)
     except (CLVLAError, OmegaConfBaseException) as e:

@@ -1,6 +1,6 @@
 """The interface every continual-learning algorithm implements.
 
-The continual loop (:mod:`cl_vla.loop`) talks to an algorithm only through these hooks, so a new
+The continual loop (:mod:`cl_vla.training.loop`) talks to an algorithm only through these hooks, so a new
 method is one file in this package plus one YAML in ``conf/algorithm/``; the loop never branches on
 the algorithm's type.
 

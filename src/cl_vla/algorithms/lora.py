@@ -21,7 +21,7 @@ from torch import nn
 from cl_vla.algorithms.base import CLAlgorithm, TaskContext
 from cl_vla.algorithms.sequential import _check_state_name
 from cl_vla.errors import ConfigError
-from cl_vla.lora_utils import (
+from cl_vla.policies.lora import (
     LoRASettings,
     activate_adapter,
     active_adapter,
@@ -42,7 +42,7 @@ class PerTaskLoRA(CLAlgorithm):
         r: LoRA rank (> 0).
         alpha: LoRA scaling numerator (> 0); the update is scaled by ``alpha / r``.
         dropout: dropout on the adapter's input, in [0, 1).
-        target_modules: layers to adapt (see :class:`cl_vla.lora_utils.LoRASettings`); ``None``: the
+        target_modules: layers to adapt (see :class:`cl_vla.policies.lora.LoRASettings`); ``None``: the
             policy's lerobot PEFT defaults where it has them, otherwise every Linear/Conv layer.
         train_base_on_first_task: train the whole model (no adapter) on task 0, then freeze it and add
             adapters from task 1 on. TAIL assumes a pretrained base; a model trained from scratch

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 
 
 def _data(overrides: list[str], out: Path):
-    from cl_vla.in_process import compose_run
+    from cl_vla.training.in_process import compose_run
 
     _, _, data, _ = compose_run(overrides, out)
     return data
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args(argv)
 
-    from cl_vla.in_process import sequence_overrides
+    from cl_vla.training.in_process import sequence_overrides
 
     tmp = Path(tempfile.mkdtemp(prefix="cl_vla_loader_bench_"))
     second = args.second_image_size or args.image_size * 3 // 4

@@ -204,7 +204,7 @@ def prepare_cross_data(cfg: Any, device: str) -> tuple[ContinualData, Any]:
     from omegaconf import OmegaConf
 
     from cl_vla.data.windows import WindowedDataset, split_deltas
-    from cl_vla.models import build_policy_config
+    from cl_vla.policies.configs import build_policy_config
 
     node = OmegaConf.to_container(cfg.task_sequence, resolve=True)
     seq = parse_cross_sequence(node)

@@ -33,7 +33,7 @@ def ensure_synthetic(data_cfg: Any, sequence: TaskSequence, *, progress: bool = 
             f"A synthetic dataset is written from instructions, but sequence {sequence.name!r} names "
             "tasks by index; use instruction strings or a real dataset (data.root)."
         )
-    # The `data.synthetic` schema (cl_vla.config.SyntheticDataConfig) has exactly the spec's settings.
+    # The `data.synthetic` schema (cl_vla.config.schema.SyntheticDataConfig) has exactly the spec's settings.
     settings = OmegaConf.to_container(syn, resolve=True) if isinstance(syn, DictConfig) else dict(syn)
     spec = SyntheticSpec(instructions=tuple(instructions), **settings)
     write_synthetic_dataset(data_cfg.root, data_cfg.repo_id, spec, progress=progress)

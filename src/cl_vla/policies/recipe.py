@@ -34,7 +34,7 @@ class Recipe:
     source: str
 
     def module_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of :class:`cl_vla.module.CLPolicyModule`."""
+        """Keyword arguments of :class:`cl_vla.training.module.CLPolicyModule`."""
         d = asdict(self)
         for k in ("grad_clip_norm", "source"):
             d.pop(k)

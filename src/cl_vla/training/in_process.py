@@ -12,12 +12,12 @@ from rich.console import Console
 def compose_run(overrides: list[str], out_dir: Path) -> tuple[Any, Any, Any, Any]:
     """Compose ``conf/`` with ``overrides`` (output into ``out_dir``) as ``train.py`` would.
 
-    Returns ``(cfg, algorithm, data, policy_cfg)``, ready for :func:`cl_vla.loop.run_continual`.
+    Returns ``(cfg, algorithm, data, policy_cfg)``, ready for :func:`cl_vla.training.loop.run_continual`.
     """
     from hydra import compose, initialize_config_dir
 
     from cl_vla.cli import build_algorithm, prepare_data, validate_config
-    from cl_vla.config import register_configs
+    from cl_vla.config.schema import register_configs
     from cl_vla.paths import conf_dir
 
     register_configs()
@@ -33,12 +33,12 @@ def compose_run(overrides: list[str], out_dir: Path) -> tuple[Any, Any, Any, Any
 def run_in_process(overrides: list[str], out_dir: Path, algorithm_hook=None) -> tuple[dict, object, object]:
     """Compose ``conf/`` with ``overrides``, train in this process into ``out_dir``.
 
-    Returns ``(results, algorithm, data)``; ``results`` is what :func:`cl_vla.reporting.read_results`
+    Returns ``(results, algorithm, data)``; ``results`` is what :func:`cl_vla.results.run_files.read_results`
     reads back from the run's directory (``out_dir``, or the resumed run's with ``resume=...``).
     """
-    from cl_vla.loop import run_continual
-    from cl_vla.reporting import read_results
-    from cl_vla.run_dir import run_dir_of
+    from cl_vla.results.run_files import read_results
+    from cl_vla.training.loop import run_continual
+    from cl_vla.training.run_dir import run_dir_of
 
     cfg, algorithm, data, policy_cfg = compose_run(overrides, out_dir)
     if algorithm_hook is not None:

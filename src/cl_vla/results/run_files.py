@@ -3,7 +3,7 @@
 A finished (or interrupted) run writes three files into its run directory:
 
 * ``results.json``: task names, ``R`` as nested lists (``null`` for rows not yet filled), the
-  metrics of :mod:`cl_vla.metrics`, the metric's name, its direction and free-form ``extra`` info;
+  metrics of :mod:`cl_vla.evaluation.metrics`, the metric's name, its direction and free-form ``extra`` info;
 * ``r_matrix.csv``: ``R`` with a header row of task names and a first column ``after <task>``;
 * ``r_matrix.png``: an annotated heatmap (see :func:`heatmap_figure`).
 
@@ -36,7 +36,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from cl_vla.metrics import LEVEL_METRICS, SCALAR_METRICS, CLMetrics, validate_matrix
+from cl_vla.evaluation.metrics import LEVEL_METRICS, SCALAR_METRICS, CLMetrics, validate_matrix
 
 RESULTS_JSON = "results.json"
 R_MATRIX_CSV = "r_matrix.csv"
@@ -246,7 +246,7 @@ def write_results(
 ) -> dict[str, Path]:
     """Write ``results.json``, ``r_matrix.csv`` and ``r_matrix.png`` atomically into ``run_dir``.
 
-    ``metrics`` is the output of :func:`cl_vla.metrics.compute_metrics` (or a ``CLMetrics``);
+    ``metrics`` is the output of :func:`cl_vla.evaluation.metrics.compute_metrics` (or a ``CLMetrics``);
     ``extra`` any JSON-able run information (config, seed, timings; numpy values and paths are
     converted). Creates ``run_dir`` if needed; may be called again to overwrite after each task.
     Returns the paths under the keys ``"json"``, ``"csv"`` and ``"png"``.

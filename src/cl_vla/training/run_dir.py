@@ -18,7 +18,8 @@ from typing import IO, Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from cl_vla.checkpointing import (
+from cl_vla.config.fingerprint import check_resume_config, config_fingerprint
+from cl_vla.training.checkpointing import (
     STATE_FILE,
     CheckpointError,
     RunState,
@@ -27,7 +28,6 @@ from cl_vla.checkpointing import (
     read_checkpoint,
     remove_stale_temporaries,
 )
-from cl_vla.resume_fingerprint import check_resume_config, config_fingerprint
 
 RUN_FILE = "run.json"
 LOCK_FILE = ".lock"

@@ -8,8 +8,8 @@ cl_vla implements it (state in fp32 on the training device; see the table of rul
 memory beyond that: fp32 weights, gradients and AdamW's two moments of the trainable parameters.
 Activations depend on batch size and sequence length and are not counted: the plan is a lower bound.
 
-    python -m cl_vla.memory_plan model=pi0 algorithm=ewc task_sequence=libero_spatial
-    python -m cl_vla.memory_plan --table            # every hub VLA x every algorithm, 10 tasks, 80 GB
+    python -m cl_vla.training.memory_plan model=pi0 algorithm=ewc task_sequence=libero_spatial
+    python -m cl_vla.training.memory_plan --table            # every hub VLA x every algorithm, 10 tasks, 80 GB
 """
 
 from __future__ import annotations
@@ -257,7 +257,7 @@ def plan_for_run(cfg: Any, policy: Any, tasks: int) -> Plan:
     hparams = OmegaConf.to_container(cfg.algorithm, resolve=True)
     size = count_policy(policy, str(cfg.model.type))
     if algo == "lora_per_task":
-        from cl_vla.lora_utils import lora_parameters
+        from cl_vla.policies.lora import lora_parameters
 
         size.lora_params = sum(p.numel() for _, p in lora_parameters(policy)) or size.trainable
     device, _ = device_capacity(str(cfg.trainer.accelerator))
@@ -273,7 +273,7 @@ def rule_name(algo: str, hparams: dict) -> str:
     if algo not in RULES:
         warnings.warn(
             f"memory plan: no cost rule for algorithm={algo!r}; its CL state is not counted "
-            "(add one to cl_vla.memory_plan.RULES).",
+            "(add one to cl_vla.training.memory_plan.RULES).",
             stacklevel=2,
         )
         return "sequential"
@@ -332,7 +332,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     from hydra import compose, initialize_config_dir
 
-    from cl_vla.config import register_configs
+    from cl_vla.config.schema import register_configs
     from cl_vla.data.task_sequences import TaskSequence
     from cl_vla.paths import conf_dir
 
@@ -367,7 +367,7 @@ def _count_configured(cfg: Any) -> ModelSize:
 
     data, policy_cfg = prepare_data(cfg)
     policy = make_policy(policy_cfg, data.dataset.meta)
-    from cl_vla.lora_utils import apply_model_lora
+    from cl_vla.policies.lora import apply_model_lora
 
     apply_model_lora(policy, OmegaConf.to_container(cfg.model, resolve=True).get("lora"))
     size = count_policy(policy, str(cfg.model.type))

@@ -17,7 +17,7 @@ def build_loggers(cfg: DictConfig, run_dir: Path, run_name: str) -> list[Logger]
     loggers: list[Logger] = []
     lc = cfg.logger
     if lc.wandb.enabled and lc.wandb.mode != "disabled":
-        from cl_vla.sweep import current_job_sweep
+        from cl_vla.tracking.sweep import current_job_sweep
 
         os.environ.setdefault("WANDB_SILENT", "true")
         config = OmegaConf.to_container(cfg, resolve=True)

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from cl_vla.lora_utils import active_adapter, lora_layers
+from cl_vla.policies.lora import active_adapter, lora_layers
 
 EXPORT_DIR = "export"
 

@@ -1,6 +1,6 @@
 """Compare the runs of one Hydra sweep, from disk only (no network).
 
-    python -m cl_vla.report multirun/default/2026-01-01_12-00-00 [--out DIR] [--metric acc bwt ...]
+    python -m cl_vla.results.sweep_report multirun/default/2026-01-01_12-00-00 [--out DIR] [--metric acc bwt ...]
 
 Reads every job directory of the sweep (``results.json`` for the numbers, ``.hydra/overrides.yaml`` for
 the swept values), groups the complete runs by their swept values except the seed, and writes into
@@ -12,7 +12,7 @@ the swept values), groups the complete runs by their swept values except the see
 * ``r_matrices.png``: the seed-averaged R matrix of each setting, side by side on one colour scale;
 * ``report.json``: the same numbers for scripts.
 
-The sweep's swept keys come from ``sweep.json`` (written at launch by :class:`cl_vla.sweep.SweepGuard`),
+The sweep's swept keys come from ``sweep.json`` (written at launch by :class:`cl_vla.tracking.sweep.SweepGuard`),
 else from ``multirun.yaml``, else from what differs between the runs. A directory whose runs do not
 share one base configuration (two sweeps written into one directory) is refused with one sentence.
 """
@@ -31,9 +31,9 @@ from typing import Any
 
 import numpy as np
 
-from cl_vla.metrics import LEVEL_METRICS, SCALAR_METRICS
-from cl_vla.reporting import METRIC_LABELS, RESULTS_JSON, read_results, short_task_label
-from cl_vla.sweep import (
+from cl_vla.evaluation.metrics import LEVEL_METRICS, SCALAR_METRICS
+from cl_vla.results.run_files import METRIC_LABELS, RESULTS_JSON, read_results, short_task_label
+from cl_vla.tracking.sweep import (
     JOB_STATUS,
     MARKER,
     SweepError,
@@ -455,7 +455,7 @@ def write_report(
     """Write report.md, report.json and the PNGs into ``out_dir``; returns their paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / _REPORT_TAG).write_text("written by python -m cl_vla.report\n")
+    (out / _REPORT_TAG).write_text("written by python -m cl_vla.results.sweep_report\n")
     paths: dict[str, Path] = {}
     figures = {"metrics": metrics_figure(sweep, metrics), "r_matrices": matrices_figure(sweep)}
     for name, fig in figures.items():
@@ -535,7 +535,7 @@ def write_report(
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m cl_vla.report", description="Tables and plots comparing the runs of one Hydra sweep."
+        prog="python -m cl_vla.results.sweep_report", description="Tables and plots comparing the runs of one Hydra sweep."
     )
     parser.add_argument("sweep_dir", type=Path, help="the sweep directory (hydra.sweep.dir) of `train.py -m`")
     parser.add_argument(

@@ -1,60 +1,9 @@
-"""Evaluation of every task: one row of R after each task.
-
-``eval=sim`` scores tasks by closed-loop success in a simulator (:func:`make_sim_evaluator`, see
-:mod:`cl_vla.envs.rollout`); the held-out loss below is then kept as a second matrix.
-
-The score of task j is the policy's own training loss (for tiny_vla and ACT: L1 on the normalized
-action chunk) averaged over every held-out frame of task j; lower is better. It runs with the
-normalization statistics in use, in eval mode, inside a forked RNG so evaluating never changes the
-training run's random stream. Under DDP each rank scores a shard and the sums are all-reduced.
+"""Closed-loop evaluation (``eval=sim``): tasks scored by success in a simulator, one row of R after
+each task. :func:`make_sim_evaluator` builds Meta-World's (:mod:`cl_vla.envs.metaworld_eval`) or
+LIBERO's (:mod:`cl_vla.envs.libero_eval`) evaluator from the config.
 """
 
 from __future__ import annotations
-
-from collections.abc import Sequence
-
-import torch
-import torch.distributed as dist
-
-from cl_vla.data.datamodule import ContinualDataModule
-from cl_vla.module import CLPolicyModule
-
-
-@torch.no_grad()
-def evaluate_heldout(
-    module: CLPolicyModule,
-    dm: ContinualDataModule,
-    tasks: Sequence[int],
-    *,
-    max_batches: int | None = None,
-    seed: int = 0,
-) -> list[float]:
-    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    was_training = module.policy.training
-    module.policy.eval()
-    sums = torch.zeros(len(tasks), 2, dtype=torch.float64)
-    with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
-        torch.manual_seed(seed + 104_729)
-        for k, task in enumerate(tasks):
-            loader = dm.eval_loader(dm.data.heldout_dataset(task), rank, world)
-            with module.algorithm.eval_context(task, module):
-                for b, batch in enumerate(loader):
-                    if max_batches is not None and b >= max_batches:
-                        break
-                    n = len(batch["index"])
-                    loss, _ = module.compute_loss(batch)
-                    sums[k, 0] += float(loss) * n
-                    sums[k, 1] += n
-    if world > 1:
-        sums = sums.to(module.device)
-        dist.all_reduce(sums)
-        sums = sums.cpu()
-    module.policy.train(was_training)
-    return [float(s / c) if c > 0 else float("nan") for s, c in sums.tolist()]
-
-
-# ------------------------------------------------------------------------------------ closed loop
 
 
 def sim_env_name(eval_cfg, suite: str | None) -> str:
@@ -75,7 +24,7 @@ def sim_env_name(eval_cfg, suite: str | None) -> str:
 def check_sim_config(cfg) -> None:
     """Early checks of ``eval=sim`` (before recording or training): settings, simulator, task names."""
     from cl_vla.data.cross_sequence import is_cross_dataset
-    from cl_vla.envs.rollout import check_sim_settings
+    from cl_vla.envs.metaworld_eval import check_sim_settings
     from cl_vla.errors import ConfigError
 
     if is_cross_dataset(cfg.task_sequence):
@@ -122,8 +71,8 @@ def make_sim_evaluator(cfg, data, policy_cfg, run_dir=None, wandb_run=None):
             run_dir=run_dir,
             wandb_run=wandb_run,
         )
+    from cl_vla.envs.metaworld_eval import MetaworldEvaluator
     from cl_vla.envs.metaworld_record import read_settings
-    from cl_vla.envs.rollout import MetaworldEvaluator
 
     settings = read_settings(cfg.data.root) if cfg.data.root else None
     return MetaworldEvaluator(

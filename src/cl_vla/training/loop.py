@@ -22,7 +22,12 @@ from omegaconf import DictConfig
 from rich.console import Console
 
 from cl_vla.algorithms.base import CLAlgorithm, TaskContext
-from cl_vla.checkpointing import (
+from cl_vla.data.datamodule import ContinualDataModule
+from cl_vla.data.stats import NormalizationChoice, flatten_stats, select_stats, unflatten_stats
+from cl_vla.data.streams import ContinualData
+from cl_vla.evaluation.heldout import evaluate_heldout
+from cl_vla.tracking.loggers import TaskProgressBar, build_loggers, log_final, log_row
+from cl_vla.training.checkpointing import (
     STATE_FILE,
     AtomicCheckpointIO,
     RunState,
@@ -30,13 +35,8 @@ from cl_vla.checkpointing import (
     rng_state,
     set_rng_state,
 )
-from cl_vla.data.datamodule import ContinualDataModule
-from cl_vla.data.stats import NormalizationChoice, flatten_stats, select_stats, unflatten_stats
-from cl_vla.data.streams import ContinualData
-from cl_vla.evaluation import evaluate_heldout
-from cl_vla.module import CLPolicyModule
-from cl_vla.run_dir import RunHandle, open_run
-from cl_vla.run_logging import TaskProgressBar, build_loggers, log_final, log_row
+from cl_vla.training.module import CLPolicyModule
+from cl_vla.training.run_dir import RunHandle, open_run
 
 
 class ContinualRun:
@@ -63,7 +63,7 @@ class ContinualRun:
 
         self.policy_cfg = policy_cfg
         self.policy = make_policy(policy_cfg, ds_meta=data.dataset.meta)
-        from cl_vla.lora_utils import apply_model_lora
+        from cl_vla.policies.lora import apply_model_lora
 
         apply_model_lora(self.policy, cfg.model.get("lora"))  # plain LoRA fine-tuning, when configured
         self.norm = NormalizationChoice.parse(cfg.data.normalization)
@@ -181,8 +181,8 @@ class ContinualRun:
     def _evaluate(self, tasks: list[int]) -> list[float]:
         if self.cfg.eval.type == "sim":
             if self.sim is None:
-                from cl_vla.evaluation import make_sim_evaluator
-                from cl_vla.run_logging import wandb_run
+                from cl_vla.evaluation.simulators import make_sim_evaluator
+                from cl_vla.tracking.loggers import wandb_run
 
                 self.sim = make_sim_evaluator(
                     self.cfg, self.data, self.policy_cfg, self.run_dir, lambda: wandb_run(self.loggers)
@@ -226,7 +226,7 @@ def run_continual(
 ) -> float | None:
     """Train through every task, evaluating all tasks after each; returns the final average score.
 
-    ``handle`` is the claimed run directory (:func:`cl_vla.run_dir.open_run`); without one it is
+    ``handle`` is the claimed run directory (:func:`cl_vla.training.run_dir.open_run`); without one it is
     claimed here and released at the end.
     """
     console = console or Console()
@@ -242,7 +242,7 @@ def run_continual(
 def _run(cfg, data, policy_cfg, algorithm, console: Console, handle: RunHandle) -> float | None:
     run = ContinualRun(cfg, data, policy_cfg, algorithm, handle)
     st, T, S = run.state, run.T, run.S
-    from cl_vla.memory_plan import check_run
+    from cl_vla.training.memory_plan import check_run
 
     # What the CL state will cost over the sequence; refused here, not by an out-of-memory error hours in.
     check_run(cfg, run.policy, T, console.print if run.trainer.is_global_zero else lambda _: None)
@@ -322,7 +322,7 @@ def _run(cfg, data, policy_cfg, algorithm, console: Console, handle: RunHandle) 
         if cfg.continual_learning.save_checkpoint_per_task or t == T - 1:
             run.save(f"task_{t:02d}.ckpt")
         if cfg.continual_learning.export_per_task and run.trainer.is_global_zero:
-            from cl_vla.export import export_task
+            from cl_vla.policies.export import export_task
 
             with algorithm.eval_context(t, run.module):  # the policy as task t is evaluated
                 export_task(run.run_dir, t, run.policy, run.module.preprocessor, run.module.postprocessor)
@@ -367,8 +367,8 @@ def _hash_into(digest: Any, obj: Any) -> None:
 
 
 def _finish(run: ContinualRun, console: Console) -> float | None:
-    from cl_vla.metrics import compute_metrics
-    from cl_vla.reporting import heatmap_figure, print_summary, write_results
+    from cl_vla.evaluation.metrics import compute_metrics
+    from cl_vla.results.run_files import heatmap_figure, print_summary, write_results
 
     st = run.state
     R = st.matrix()
@@ -434,8 +434,8 @@ def _finish(run: ContinualRun, console: Console) -> float | None:
 
 def _report_second(run: ContinualRun, console: Console, second: dict[str, Any]) -> None:
     """eval=sim: the held-out loss matrix, printed after the success matrix and logged to W&B."""
-    from cl_vla.reporting import format_matrix_table
-    from cl_vla.run_logging import wandb_run
+    from cl_vla.results.run_files import format_matrix_table
+    from cl_vla.tracking.loggers import wandb_run
 
     loss, names = second["matrix"], run.state.task_names
     console.print(
