@@ -62,8 +62,8 @@ def synthetic_overrides(root: str | Path, repo_id: str) -> list[str]:
 def in_process_overrides(
     algo: str, root: str | Path, repo_id: str, name: str, steps: int, model: str = "tiny_vla"
 ) -> list[str]:
-    """Overrides for an in-process run (``cl_vla.training.in_process.compose_run``) of ``algo`` on LIBERO-Spatial's
-    first two instructions of the fixture dataset: batch 4, 16 px, no workers, no logger.
+    """Overrides for an in-process run (``cl_vla.training.in_process.compose_run``) of ``algo`` on
+    LIBERO-Spatial's first two instructions of the fixture dataset: batch 4, 16 px, no workers, no logger.
 
     ``model``: ``tiny_vla`` (16 px) or a tiny twin of a hub VLA (``smolvla_tiny``...: its own
     image size, the held-out evaluation cut to 2 batches a task)."""

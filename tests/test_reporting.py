@@ -13,13 +13,12 @@ from matplotlib.figure import Figure
 from rich.console import Console
 
 from cl_vla.evaluation.metrics import CLMetrics, compute_metrics
+from cl_vla.results.plots import heatmap_figure, short_task_label
 from cl_vla.results.run_files import (
     format_matrix_table,
     format_metrics_table,
-    heatmap_figure,
     print_summary,
     read_results,
-    short_task_label,
     write_results,
 )
 

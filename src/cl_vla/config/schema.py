@@ -2,7 +2,7 @@
 
 Unknown keys and values of the wrong type are rejected by OmegaConf with the key's full name. The
 ``algorithm`` and ``model`` groups are open mappings (each choice has its own fields); they are
-validated when instantiated, with one sentence naming the bad key (:mod:`cl_vla.build`).
+validated when built (``cl_vla.cli``), with one sentence naming the bad key.
 
 The seed's keys keep their meaning: ``continual_learning.{task_sequence, steps_per_task,
 save_checkpoint_per_task}`` live here as they did, and ``replay.{enabled, method,
@@ -120,6 +120,10 @@ class TrainerConfig:
     log_every_n_steps: int = 10
     deterministic: bool = False
     progress_bar: bool = True
+    # Lightning callbacks by name, each a `_target_` mapping Hydra instantiates (cl_vla.training.trainer).
+    callbacks: dict[str, Any] = field(default_factory=dict)
+    # Any other lightning.Trainer argument (those the continual loop owns are refused).
+    lightning: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -137,6 +141,8 @@ class LoggerConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
     csv: bool = True
     tensorboard: bool = False
+    # Further Lightning loggers by name, each a `_target_` mapping (e.g. MLFlowLogger).
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

@@ -96,13 +96,6 @@ def stats_to_jsonable(stats: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[
     return {k: {s: np.asarray(v).tolist() for s, v in d.items()} for k, d in stats.items()}
 
 
-def stats_to_tensors(stats: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, torch.Tensor]]:
-    def tensor(v: Any) -> torch.Tensor:
-        return torch.as_tensor(np.asarray(v), dtype=torch.float32)
-
-    return {k: {s: tensor(v) for s, v in d.items()} for k, d in stats.items()}
-
-
 def flatten_stats(stats: Mapping[str, Mapping[str, Any]]) -> dict[str, torch.Tensor]:
     """``{"feature/stat": tensor}``: the form saved in checkpoints (safetensors-compatible keys)."""
     return {

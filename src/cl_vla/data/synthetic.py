@@ -14,7 +14,6 @@ import hashlib
 import json
 import math
 import shutil
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -195,7 +194,3 @@ def _write_episode(ds, task: int, n_tasks: int, spec: SyntheticSpec, rng: np.ran
         )
         pos = np.clip(pos + 0.08 * move[:3] + rng.normal(0, 0.01, size=3), -1, 1)
     ds.save_episode()
-
-
-def synthetic_spec_for(instructions: Sequence[str], **kwargs) -> SyntheticSpec:
-    return SyntheticSpec(instructions=tuple(instructions), **kwargs)

@@ -5,7 +5,7 @@ A finished (or interrupted) run writes three files into its run directory:
 * ``results.json``: task names, ``R`` as nested lists (``null`` for rows not yet filled), the
   metrics of :mod:`cl_vla.evaluation.metrics`, the metric's name, its direction and free-form ``extra`` info;
 * ``r_matrix.csv``: ``R`` with a header row of task names and a first column ``after <task>``;
-* ``r_matrix.png``: an annotated heatmap (see :func:`heatmap_figure`).
+* ``r_matrix.png``: an annotated heatmap (see :func:`cl_vla.results.plots.heatmap_figure`).
 
 Each file is written to a temporary file in the same directory and moved into place with
 ``os.replace``, so a reader never sees a half-written file; ``results.json`` is written last, so
@@ -26,17 +26,14 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
-import matplotlib
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.patches import Rectangle
 from numpy.typing import ArrayLike
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
 from cl_vla.evaluation.metrics import LEVEL_METRICS, SCALAR_METRICS, CLMetrics, validate_matrix
+from cl_vla.results.plots import check_task_names, heatmap_figure, short_task_label, value_format
 
 RESULTS_JSON = "results.json"
 R_MATRIX_CSV = "r_matrix.csv"
@@ -65,40 +62,6 @@ _JsonValue = Any
 # ---------------------------------------------------------------------------------------- labels
 
 
-def short_task_label(index: int, name: str, max_chars: int = 24) -> str:
-    """``"<index>: <name>"`` cut to ``max_chars`` at a word boundary, e.g. ``"0: pick up the black..."``."""
-    name = " ".join(str(name).split())
-    label = f"{index}: {name}"
-    if len(label) <= max_chars:
-        return label
-    prefix = f"{index}: "
-    budget = max(max_chars - len(prefix) - 3, 1)
-    cut = name[: budget + 1]
-    # Prefer a word boundary unless that would throw away more than half of the room.
-    space = cut.rfind(" ")
-    cut = cut[:space] if space >= budget // 2 else cut[:budget]
-    return prefix + cut.rstrip(" ,;:.-") + "..."
-
-
-def _check_task_names(task_names: Sequence[str], num_tasks: int) -> list[str]:
-    if isinstance(task_names, str | bytes):
-        raise ValueError("task_names must be a sequence of strings, not a single string.")
-    names = list(task_names)
-    if len(names) != num_tasks:
-        raise ValueError(f"task_names has {len(names)} entries but R has {num_tasks} tasks.")
-    if not all(isinstance(n, str) for n in names):
-        raise ValueError("task_names must contain only strings.")
-    return names
-
-
-def _value_format(arr: np.ndarray, higher_is_better: bool) -> str:
-    finite = arr[np.isfinite(arr)]
-    # Success rates read best with two decimals; losses span magnitudes, so use significant digits.
-    if higher_is_better and ((finite >= 0) & (finite <= 1)).all():
-        return ".2f"
-    return ".3g"
-
-
 def _metrics_dict(metrics: Mapping[str, Any] | CLMetrics | None) -> dict[str, Any]:
     if metrics is None:
         return {}
@@ -107,80 +70,6 @@ def _metrics_dict(metrics: Mapping[str, Any] | CLMetrics | None) -> dict[str, An
     if not isinstance(metrics, Mapping):
         raise ValueError(f"metrics must be a mapping or CLMetrics, not {type(metrics).__name__}.")
     return dict(metrics)
-
-
-# --------------------------------------------------------------------------------------- heatmap
-
-
-def heatmap_figure(
-    R: ArrayLike,
-    task_names: Sequence[str],
-    *,
-    higher_is_better: bool = True,
-    metric_name: str = "success rate",
-    title: str | None = None,
-    max_label_chars: int = 24,
-    annotate: bool | None = None,
-) -> Figure:
-    """Annotated heatmap of ``R`` as a standalone matplotlib ``Figure`` (Agg canvas, no pyplot).
-
-    Rows are "after task i", columns "task j"; unfilled cells are grey; the diagonal is outlined.
-    The colormap runs red (bad) to green (good) and is reversed for losses, so green always means
-    good. Values are written in the cells when ``annotate`` (default: for up to 20 tasks).
-    Not registered with pyplot, so it is freed with its last reference (safe in long runs); pass it
-    to ``wandb.Image`` or call ``savefig``.
-    """
-    arr = validate_matrix(R)
-    T = arr.shape[0]
-    names = _check_task_names(task_names, T)
-    if annotate is None:
-        annotate = T <= 20
-
-    cell = 0.8 if T <= 10 else 0.45
-    label_room = 0.075 * max_label_chars
-    fig = Figure(
-        figsize=(2.5 + label_room + T * cell, 1.5 + label_room * 0.7 + T * cell), layout="constrained"
-    )
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-
-    cmap = matplotlib.colormaps["RdYlGn" if higher_is_better else "RdYlGn_r"].with_extremes(bad="#d9d9d9")
-    finite = arr[np.isfinite(arr)]
-    if finite.size and higher_is_better and ((finite >= 0) & (finite <= 1)).all():
-        vmin, vmax = 0.0, 1.0  # success rates: a fixed scale makes runs comparable by eye
-    elif finite.size:
-        vmin, vmax = float(finite.min()), float(finite.max())
-        if vmin == vmax:
-            vmin, vmax = vmin - 0.5, vmax + 0.5
-    else:
-        vmin, vmax = 0.0, 1.0
-    image = ax.imshow(np.ma.masked_invalid(arr), cmap=cmap, vmin=vmin, vmax=vmax, aspect="equal")
-
-    labels = [short_task_label(i, n, max_label_chars) for i, n in enumerate(names)]
-    ax.set_xticks(range(T), labels, rotation=45, ha="right", rotation_mode="anchor")
-    ax.set_yticks(range(T), [f"after {lbl}" for lbl in labels])
-    ax.set_xlabel("evaluated task j")
-    ax.set_ylabel("after training task i")
-    for k in range(T):
-        ax.add_patch(Rectangle((k - 0.5, k - 0.5), 1, 1, fill=False, edgecolor="black", linewidth=1.2))
-
-    if annotate:
-        fmt = _value_format(arr, higher_is_better)
-        fontsize = 9 if T <= 10 else 7
-        for i in range(T):
-            for j in range(T):
-                v = arr[i, j]
-                if not np.isfinite(v):
-                    continue
-                r, g, b, _ = cmap(image.norm(v))
-                # Pick the text colour by the cell's luminance so numbers stay readable.
-                color = "black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white"
-                ax.text(j, i, format(v, fmt), ha="center", va="center", color=color, fontsize=fontsize)
-
-    direction = "higher" if higher_is_better else "lower"
-    fig.colorbar(image, ax=ax, shrink=0.8, label=f"{metric_name} ({direction} is better)")
-    ax.set_title(title or f"R matrix: {metric_name}")
-    return fig
 
 
 # ---------------------------------------------------------------------------------- file writing
@@ -252,7 +141,7 @@ def write_results(
     Returns the paths under the keys ``"json"``, ``"csv"`` and ``"png"``.
     """
     arr = validate_matrix(R)
-    names = _check_task_names(task_names, arr.shape[0])
+    names = check_task_names(task_names, arr.shape[0])
     if not isinstance(metric_name, str) or not metric_name:
         raise ValueError("metric_name must be a non-empty string.")
     payload = {
@@ -308,7 +197,7 @@ def read_results(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
             raise ValueError(f"{path} is missing '{key}' or it is not a JSON {kind.__name__}.")
     try:
         arr = validate_matrix(data["matrix"])
-        _check_task_names(data["task_names"], arr.shape[0])
+        check_task_names(data["task_names"], arr.shape[0])
     except ValueError as exc:
         raise ValueError(f"{path} holds an invalid result matrix ({str(exc).rstrip('.')}).") from exc
     data["matrix"] = arr
@@ -359,13 +248,13 @@ def format_matrix_table(
     """
     arr = validate_matrix(R)
     T = arr.shape[0]
-    names = _check_task_names(task_names, T)
+    names = check_task_names(task_names, T)
     direction = "higher" if higher_is_better else "lower"
     table = Table(title=title or f"R matrix: {metric_name} ({direction} is better)", title_justify="left")
     table.add_column("after task \\ task", no_wrap=True)
     for j in range(T):
         table.add_column(str(j), justify="right")
-    fmt = _value_format(arr, higher_is_better)
+    fmt = value_format(arr, higher_is_better)
     for i in range(T):
         cells: list[Text] = []
         for j in range(T):

@@ -45,7 +45,9 @@ def build_loggers(cfg: DictConfig, run_dir: Path, run_name: str) -> list[Logger]
         loggers.append(CSVLogger(save_dir=str(run_dir), name="logs", version=""))
     if lc.tensorboard:
         loggers.append(TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version=""))
-    return loggers
+    from cl_vla.config.instantiate import instantiate_named
+
+    return [*loggers, *instantiate_named(lc.extra, Logger, "logger.extra")]
 
 
 def wandb_run(loggers: Sequence[Logger]) -> Any | None:

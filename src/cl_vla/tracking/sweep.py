@@ -1,4 +1,5 @@
-"""Sweep bookkeeping shared by Hydra at launch, the W&B logger in each job and ``cl_vla.results.sweep_report``.
+"""Sweep bookkeeping shared by Hydra at launch, the W&B logger in each job and the sweep report
+(``cl_vla.results.sweep_report``).
 
 A Hydra multirun (``python train.py -m ...``) writes one directory per sweep (``hydra.sweep.dir``) with
 one subdirectory per job. :class:`SweepGuard` (a Hydra callback, see ``conf/config.yaml``) adds:

@@ -9,7 +9,7 @@ memory beyond that: fp32 weights, gradients and AdamW's two moments of the train
 Activations depend on batch size and sequence length and are not counted: the plan is a lower bound.
 
     python -m cl_vla.training.memory_plan model=pi0 algorithm=ewc task_sequence=libero_spatial
-    python -m cl_vla.training.memory_plan --table            # every hub VLA x every algorithm, 10 tasks, 80 GB
+    python -m cl_vla.training.memory_plan --table   # every hub VLA x every algorithm, 10 tasks, 80 GB
 """
 
 from __future__ import annotations

@@ -116,6 +116,8 @@ class CLPolicyModule(L.LightningModule):
         # to carry its moments across tasks.
         groups = self._trainable_groups()
         if self._optimizer is None or self.reset_optimizer_per_task:
+            # One peak rate for every group (the schedule scales it), whatever a policy's groups say.
+            groups = [{k: v for k, v in g.items() if k != "lr"} for g in groups]
             self._optimizer = torch.optim.AdamW(
                 groups, lr=self.lr, weight_decay=self.weight_decay, betas=self.betas, eps=self.eps
             )
@@ -126,7 +128,10 @@ class CLPolicyModule(L.LightningModule):
                 "(the kept optimizer would not update the new ones); "
                 "use trainer.reset_optimizer_per_task=true."
             )
-        return {"optimizer": self._optimizer}
+        # Warmup + cosine decay restarted at every task: a new scheduler per task's fit, stepped after
+        # every optimizer step and checkpointed by Lightning, so a resumed run keeps the same rates.
+        schedule = torch.optim.lr_scheduler.LambdaLR(self._optimizer, self.lr_factor)
+        return {"optimizer": self._optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def _trainable_groups(self) -> list[dict]:
         """The policy's own parameter groups (lerobot's ``get_optim_params``), keeping only parameters
@@ -142,12 +147,7 @@ class CLPolicyModule(L.LightningModule):
         return out
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        # The learning rate is a pure function of the step, set before every step, rather than a
-        # stateful scheduler: a run resumed mid-task then uses exactly the uninterrupted run's rates.
-        lr = self.lr * self.lr_factor(self.step_in_task())
-        for group in self.trainer.optimizers[0].param_groups:
-            group["lr"] = lr
-        self.log("train/lr", lr, batch_size=1)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=1)
 
     def lr_factor(self, s: int) -> float:
         """Linear warmup then cosine decay to ``min_lr_ratio``, restarted at every task."""
@@ -172,9 +172,39 @@ class CLPolicyModule(L.LightningModule):
             checkpoint["state_dict"] = self.state_dict()
             if self.reset_optimizer_per_task:
                 checkpoint["optimizer_states"] = []
+            else:
+                _set_saved_lr(checkpoint, self.lr * self.lr_factor(0))
+            checkpoint["lr_schedulers"] = []  # the new task's schedule starts at its first step
             self.keep_weights_on_restore = False
+        elif not checkpoint.get("lr_schedulers") and checkpoint.get("optimizer_states"):
+            self._schedule_for_legacy_checkpoint(checkpoint)
         if self.load_extra is not None:
             self.load_extra(checkpoint)
+
+    def _schedule_for_legacy_checkpoint(self, checkpoint: dict) -> None:
+        """Checkpoints written before the schedule was a ``LambdaLR`` hold no scheduler state (the rate
+        was set by hand before each step). A mid-task one gets the state the scheduler would have had:
+        the schedule is a function of the step in the task only."""
+        done = int(checkpoint["global_step"]) - self.task * self.steps_per_task
+        groups = checkpoint["optimizer_states"][0]["param_groups"]
+        probe = torch.optim.SGD([{"params": [torch.zeros(1)]} for _ in groups], lr=self.lr)
+        schedule = torch.optim.lr_scheduler.LambdaLR(probe, self.lr_factor)
+        lr = self.lr * self.lr_factor(done)
+        checkpoint["lr_schedulers"] = [
+            {
+                **schedule.state_dict(),
+                "last_epoch": done,
+                "_step_count": done + 1,
+                "_last_lr": [lr] * len(groups),
+            }
+        ]
+        _set_saved_lr(checkpoint, lr)
+
+
+def _set_saved_lr(checkpoint: dict, lr: float) -> None:
+    for state in checkpoint.get("optimizer_states") or []:
+        for group in state["param_groups"]:
+            group["lr"] = lr
 
 
 def _param_ids(groups: list[dict]) -> set[int]:

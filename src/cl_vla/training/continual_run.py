@@ -1,0 +1,195 @@
+"""One run's state and wiring: the policy, its LightningModule, the data, the Trainer, the loggers and
+the run state; how it evaluates, checkpoints and hands algorithms their :class:`TaskContext`.
+
+:func:`cl_vla.training.loop.run_continual` drives it through the tasks.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from omegaconf import DictConfig
+
+from cl_vla.algorithms.base import CLAlgorithm, TaskContext
+from cl_vla.data.datamodule import ContinualDataModule
+from cl_vla.data.stats import NormalizationChoice, flatten_stats, select_stats, unflatten_stats
+from cl_vla.data.streams import ContinualData
+from cl_vla.evaluation.heldout import evaluate_heldout
+from cl_vla.tracking.loggers import TaskProgressBar, build_loggers
+from cl_vla.training.checkpointing import (
+    STATE_FILE,
+    AtomicCheckpointIO,
+    RunState,
+    atomic_write_json,
+    rng_state,
+    set_rng_state,
+)
+from cl_vla.training.module import CLPolicyModule
+from cl_vla.training.run_dir import RunHandle
+from cl_vla.training.trainer import build_trainer
+
+
+class ContinualRun:
+    """State and wiring of one run; :func:`run_continual` drives it."""
+
+    def __init__(
+        self, cfg: DictConfig, data: ContinualData, policy_cfg: Any, algorithm: CLAlgorithm, handle: RunHandle
+    ) -> None:
+        self.cfg, self.data, self.algorithm = cfg, data, algorithm
+        self.S = int(cfg.continual_learning.steps_per_task)
+        self.T = data.num_tasks
+        self.run_dir = handle.run_dir
+        point = handle.resume
+        self.resume_ckpt: Path | None = point.ckpt if point else None
+        self.resume_payload: dict | None = point.payload if point else None
+        if point is not None and point.state is not None:
+            self.state = point.state
+        else:
+            self.state = RunState(self.T, data.task_names, handle.fingerprint)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+
+        from cl_vla.policies.factory import make_policy  # lerobot's, in a tiny twin's build context
+
+        self.policy_cfg = policy_cfg
+        self.policy = make_policy(policy_cfg, ds_meta=data.dataset.meta)
+        from cl_vla.policies.lora import apply_model_lora
+
+        apply_model_lora(self.policy, cfg.model.get("lora"))  # plain LoRA fine-tuning, when configured
+        self.norm = NormalizationChoice.parse(cfg.data.normalization)
+        self.stats: dict | None = None
+        t = cfg.trainer
+        from cl_vla.policies.recipe import training_recipe
+
+        # The policy's own lerobot presets (model.recipe=policy, the hub VLAs) or the trainer group's.
+        self.recipe = training_recipe(cfg.model.get("recipe"), policy_cfg, t, self.S)
+        self.module = CLPolicyModule(
+            self.policy,
+            lambda b: b,
+            None,
+            algorithm,
+            **self.recipe.module_kwargs(),
+            steps_per_task=self.S,
+            reset_optimizer_per_task=t.reset_optimizer_per_task,
+        )
+        algorithm.setup(self.module)
+        self.module.save_extra = self._save_extra
+        self.module.load_extra = self._load_extra
+        self.module.after_step = self._after_step
+        self.dm = ContinualDataModule(
+            data,
+            algorithm,
+            batch_size=cfg.data.batch_size,
+            eval_batch_size=cfg.data.eval_batch_size,
+            num_workers=cfg.data.num_workers,
+            seed=int(cfg.seed),
+            steps_per_task=self.S,
+        )
+        self.loggers = build_loggers(cfg, self.run_dir, self.run_dir.name)
+        self.progress = TaskProgressBar(self.T, data.task_names) if t.progress_bar else None
+        self.ckpt_io = AtomicCheckpointIO()
+        self.trainer = build_trainer(
+            cfg,
+            self.run_dir,
+            max_steps=self.S,
+            loggers=self.loggers,
+            callbacks=[self.progress] if self.progress else [],
+            plugins=[self.ckpt_io],
+            grad_clip_norm=self.recipe.grad_clip_norm,
+        )
+
+    # ---- normalization ------------------------------------------------------------------------------
+
+    def _use_stats(self, stats: dict) -> None:
+        from cl_vla.policies.factory import make_processors
+
+        self.stats = stats
+        pre, post = make_processors(self.policy_cfg, stats)
+        self.module.preprocessor, self.module.postprocessor = pre, post
+
+    def _stats_for_task(self, task: int) -> None:
+        if self.stats is not None and (self.norm is not NormalizationChoice.SEEN_TASKS or task == 0):
+            return  # dataset / first-task statistics are decided once and kept (and restored on resume)
+        train_eps = [s.train_episodes for s in self.data.streams]
+        self._use_stats(select_stats(self.norm, self.data.dataset.meta, train_eps, task))
+
+    # ---- checkpoint extras --------------------------------------------------------------------------
+
+    def _save_extra(self, ckpt: dict) -> None:
+        ckpt["cl_vla"] = {
+            "state": json.dumps(self.state.to_json()),
+            "second": json.dumps(self.second),
+            "algorithm": self.algorithm.state_dict(),
+            "normalization": flatten_stats(self.stats or {}),
+            "rng": rng_state(),
+        }
+
+    def _load_extra(self, ckpt: dict) -> None:
+        extra = ckpt["cl_vla"]
+        if "second" in extra:
+            self.second = json.loads(extra["second"])
+        self.algorithm.load_state_dict(extra["algorithm"])
+        self._use_stats(
+            {k: {s: v for s, v in d.items()} for k, d in unflatten_stats(extra["normalization"]).items()}
+        )
+        set_rng_state(extra["rng"])
+
+    def save(self, name: str) -> None:
+        path = self.ckpt_dir / name
+        self.state.checkpoint = name
+        self.trainer.save_checkpoint(path, weights_only=False)
+        if self.trainer.is_global_zero:
+            atomic_write_json(self.ckpt_dir / STATE_FILE, {"checkpoint": name, **self.state.to_json()})
+
+    def _after_step(self, task: int, step: int) -> None:
+        self.state.task, self.state.step_in_task = task, step
+        every = int(self.cfg.trainer.checkpoint_every_n_steps)
+        if every > 0 and step % every == 0 and step < self.S:
+            self.save("last.ckpt")
+        k = int(self.cfg.eval.within_task_evals)
+        if k > 0 and step in {round(self.S * (i + 1) / (k + 1)) for i in range(k)}:
+            self.state.within_task[task].append(self._evaluate([task])[0])
+
+    # eval=sim: R holds closed-loop success; the held-out loss stays as a second matrix, `second`.
+    second: dict[str, Any] | None = None
+    sim: Any = None
+
+    def _evaluate(self, tasks: list[int]) -> list[float]:
+        if self.cfg.eval.type == "sim":
+            if self.sim is None:
+                from cl_vla.evaluation.simulators import make_sim_evaluator
+                from cl_vla.tracking.loggers import wandb_run
+
+                self.sim = make_sim_evaluator(
+                    self.cfg, self.data, self.policy_cfg, self.run_dir, lambda: wandb_run(self.loggers)
+                )
+            st = self.state
+            label = (
+                "baseline"
+                if self.trainer.global_step == 0
+                else f"task{st.task:02d}_step{st.step_in_task:05d}"
+            )
+            return self.sim.evaluate(self.module, tasks, label=label)
+        return self._heldout(tasks)
+
+    def _heldout(self, tasks: list[int]) -> list[float]:
+        return evaluate_heldout(
+            self.module, self.dm, tasks, max_batches=self.cfg.eval.max_batches, seed=int(self.cfg.seed)
+        )
+
+    def context(self, task: int) -> TaskContext:
+        return TaskContext(
+            task_id=task,
+            task_name=self.data.task_names[task],
+            num_tasks=self.T,
+            module=self.module,
+            train_dataset=self.data.train_dataset(task),
+            make_loader=self.dm.loader,
+            compute_loss=self.module.compute_loss,
+            device=self.module.device,
+            world_size=self.trainer.world_size,
+            rank=self.trainer.global_rank,
+        )
