@@ -10,24 +10,14 @@ import pytest
 from omegaconf import OmegaConf
 
 from cl_vla.cli import build_algorithm, run_main, validate_config
-from cl_vla.config.schema import register_configs
 from cl_vla.errors import ConfigError
-from conftest import CONF_DIR, run_train
-
-
-def compose(*overrides: str):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=list(overrides))
+from conftest import compose_config, run_train
 
 
 @pytest.fixture(scope="module")
 def er_node() -> dict:
     """The default ``algorithm`` group (ER) as composed, resolved to a plain dict."""
-    cfg = validate_config(compose())
+    cfg = validate_config(compose_config())
     assert cfg.algorithm.name == "er"
     return OmegaConf.to_container(cfg.algorithm, resolve=True)
 
@@ -68,7 +58,7 @@ def test_unknown_algorithm_kwarg_is_named(er_node: dict) -> None:
 
 def test_run_main_reports_bad_ratio_in_one_line(capsys) -> None:
     with pytest.raises(SystemExit) as info:
-        run_main(compose("algorithm.replay_batch_ratio=-0.1", "dry_run=true"))
+        run_main(compose_config("algorithm.replay_batch_ratio=-0.1", "dry_run=true"))
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert [ln for ln in err.splitlines() if ln.strip()] == [
@@ -91,7 +81,7 @@ def test_run_main_reports_bad_ratio_in_one_line(capsys) -> None:
 )
 def test_validate_config_names_the_key(override: str, fragment: str) -> None:
     with pytest.raises(ConfigError, match=fragment) as info:
-        validate_config(compose(override))
+        validate_config(compose_config(override))
     assert "\n" not in str(info.value)
 
 

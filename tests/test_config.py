@@ -7,10 +7,9 @@ import pytest
 from cl_vla.algorithms.er import ReplayBuffer
 from cl_vla.algorithms.sequential import Sequential
 from cl_vla.cli import build_algorithm, prepare_data, run_main, validate_config
-from cl_vla.config.schema import register_configs
 from cl_vla.data import get_task_sequence
 from cl_vla.errors import ConfigError, DataError
-from conftest import CONF_DIR, last_line, run_train, synthetic_overrides
+from conftest import compose_config, last_line, run_train, synthetic_overrides
 
 SPATIAL = get_task_sequence("libero_spatial")
 SEQUENCES = [
@@ -23,15 +22,6 @@ SEQUENCES = [
     "cw20",
     "mw_short",
 ]
-
-
-def compose(*overrides: str):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=list(overrides))
 
 
 def _local(synthetic_libero) -> list[str]:
@@ -48,7 +38,7 @@ def _quoted_list(items) -> str:
 
 
 def test_defaults_compose_and_validate() -> None:
-    cfg = validate_config(compose())
+    cfg = validate_config(compose_config())
     assert cfg.task_sequence.name == "libero_spatial"
     assert list(cfg.task_sequence.tasks) == list(SPATIAL.tasks)
     assert cfg.algorithm._target_ == "cl_vla.algorithms.er.ReplayBuffer"
@@ -60,7 +50,7 @@ def test_defaults_compose_and_validate() -> None:
 
 @pytest.mark.parametrize("name", SEQUENCES)
 def test_task_sequence_group_agrees_with_registry(name: str) -> None:
-    cfg = compose(f"task_sequence={name}")
+    cfg = compose_config(f"task_sequence={name}")
     seq = get_task_sequence(name)
     assert cfg.task_sequence.name == seq.name
     assert tuple(cfg.task_sequence.tasks) == seq.tasks
@@ -68,7 +58,7 @@ def test_task_sequence_group_agrees_with_registry(name: str) -> None:
 
 
 def test_seed_task_sequence_key_selects_the_sequence() -> None:
-    cfg = validate_config(compose("continual_learning.task_sequence=libero_goal"))
+    cfg = validate_config(compose_config("continual_learning.task_sequence=libero_goal"))
     goal = get_task_sequence("libero_goal")
     assert cfg.task_sequence.name == "libero_goal"
     assert tuple(cfg.task_sequence.tasks) == goal.tasks
@@ -76,19 +66,19 @@ def test_seed_task_sequence_key_selects_the_sequence() -> None:
     assert cfg.task_sequence.suite == "libero_goal"
     assert cfg.continual_learning.task_sequence == "libero_goal"
 
-    cfg = validate_config(compose("continual_learning.task_sequence=libero_long"))
+    cfg = validate_config(compose_config("continual_learning.task_sequence=libero_long"))
     assert cfg.task_sequence.name == "libero_10"
 
 
 def test_seed_task_sequence_key_unknown_name() -> None:
     with pytest.raises(ConfigError, match="Unknown task sequence 'libero_nothing'") as info:
-        validate_config(compose("continual_learning.task_sequence=libero_nothing"))
+        validate_config(compose_config("continual_learning.task_sequence=libero_nothing"))
     assert "'libero_goal'" in str(info.value) and "'cw20'" in str(info.value)
 
 
 def test_seed_replay_keys_select_er_with_their_values() -> None:
     cfg = validate_config(
-        compose(
+        compose_config(
             "algorithm=sequential",
             "replay.enabled=true",
             "replay.buffer_size_per_task=7",
@@ -106,7 +96,7 @@ def test_seed_replay_keys_select_er_with_their_values() -> None:
 
 
 def test_seed_replay_values_alone_parametrize_er() -> None:
-    cfg = validate_config(compose("replay.method=experience_replay", "replay.buffer_size_per_task=3"))
+    cfg = validate_config(compose_config("replay.method=experience_replay", "replay.buffer_size_per_task=3"))
     algo = build_algorithm(cfg.algorithm)
     assert isinstance(algo, ReplayBuffer)
     assert algo.buffer_size_per_task == 3
@@ -114,17 +104,17 @@ def test_seed_replay_values_alone_parametrize_er() -> None:
 
 
 def test_seed_replay_disabled_is_sequential() -> None:
-    cfg = validate_config(compose("replay.enabled=false"))
+    cfg = validate_config(compose_config("replay.enabled=false"))
     assert isinstance(build_algorithm(cfg.algorithm), Sequential)
 
 
 def test_seed_replay_bad_method() -> None:
     with pytest.raises(ConfigError, match=r"replay\.method='gem' is not allowed.*'experience_replay'"):
-        validate_config(compose("replay.method=gem"))
+        validate_config(compose_config("replay.method=gem"))
 
 
 def test_replay_value_out_of_range_is_one_sentence() -> None:
-    cfg = validate_config(compose("replay.replay_batch_ratio=1.5"))
+    cfg = validate_config(compose_config("replay.replay_batch_ratio=1.5"))
     with pytest.raises(ConfigError, match=r"replay_batch_ratio must be in \[0, 1\), got 1\.5"):
         build_algorithm(cfg.algorithm)
 
@@ -143,7 +133,7 @@ def test_replay_value_out_of_range_is_one_sentence() -> None:
 )
 def test_validate_config_rejects_bad_values(override: str, fragment: str) -> None:
     with pytest.raises(ConfigError, match=fragment) as info:
-        validate_config(compose(override))
+        validate_config(compose_config(override))
     assert "\n" not in str(info.value)
 
 
@@ -151,9 +141,9 @@ def test_schema_rejects_unknown_key_and_wrong_type() -> None:
     from hydra.errors import ConfigCompositionException
 
     with pytest.raises(ConfigCompositionException, match=r"data\.nonexistent"):
-        compose("data.nonexistent=1")
+        compose_config("data.nonexistent=1")
     with pytest.raises(ConfigCompositionException, match=r"continual_learning\.steps_per_task=abc"):
-        compose("continual_learning.steps_per_task=abc")
+        compose_config("continual_learning.steps_per_task=abc")
 
 
 # ---- data preparation ------------------------------------------------------------------------------
@@ -161,7 +151,7 @@ def test_schema_rejects_unknown_key_and_wrong_type() -> None:
 
 def test_prepare_data_reuses_the_fixture_dataset(synthetic_libero) -> None:
     root, repo_id, _ = synthetic_libero
-    cfg = validate_config(compose("task_sequence=libero_spatial", *synthetic_overrides(root, repo_id)))
+    cfg = validate_config(compose_config("task_sequence=libero_spatial", *synthetic_overrides(root, repo_id)))
     marker = root / "cl_vla_synthetic.json"
     stamp = marker.stat().st_mtime_ns
     data, policy_cfg = prepare_data(cfg)
@@ -175,7 +165,7 @@ def test_prepare_data_reuses_the_fixture_dataset(synthetic_libero) -> None:
 def test_custom_sequence_on_local_dataset(synthetic_libero) -> None:
     tasks = [SPATIAL.tasks[9], SPATIAL.tasks[2]]
     cfg = validate_config(
-        compose(
+        compose_config(
             *_local(synthetic_libero), "task_sequence=custom", f"task_sequence.tasks={_quoted_list(tasks)}"
         )
     )
@@ -186,7 +176,7 @@ def test_custom_sequence_on_local_dataset(synthetic_libero) -> None:
 
 def test_absent_instruction_fails_in_one_line(synthetic_libero, capsys) -> None:
     absent = "pick up the purple bowl and place it on the plate"
-    cfg = compose(
+    cfg = compose_config(
         *_local(synthetic_libero),
         "task_sequence=custom",
         f"task_sequence.tasks={_quoted_list([SPATIAL.tasks[0], absent])}",
@@ -205,7 +195,7 @@ def test_absent_instruction_fails_in_one_line(synthetic_libero, capsys) -> None:
 
 def test_run_main_rejects_zero_steps_in_one_line(capsys) -> None:
     with pytest.raises(SystemExit) as info:
-        run_main(compose("continual_learning.steps_per_task=0"))
+        run_main(compose_config("continual_learning.steps_per_task=0"))
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert [ln for ln in err.splitlines() if ln.strip()] == [
@@ -235,7 +225,7 @@ def _table_rows(stdout: str) -> dict[int, dict[str, str]]:
 def test_dry_run_prints_the_task_table(synthetic_libero, capsys) -> None:
     # In this process (train.py's body): an interpreter start-up per check costs ~10 s on 2 cores.
     root, repo_id, _ = synthetic_libero
-    cfg = compose("task_sequence=libero_spatial", "dry_run=true", *synthetic_overrides(root, repo_id))
+    cfg = compose_config("task_sequence=libero_spatial", "dry_run=true", *synthetic_overrides(root, repo_id))
     assert run_main(cfg) is None
     out = capsys.readouterr().out
     assert "train frames" in out
@@ -272,7 +262,7 @@ def test_train_py_hydra_errors(args: list[str], headline: str, also: list[str]) 
 
 def test_train_py_missing_dataset_root(capsys) -> None:
     with pytest.raises(SystemExit) as info:
-        run_main(compose("data=local", "data.root=/nonexistent/dataset", "dry_run=true"))
+        run_main(compose_config("data=local", "data.root=/nonexistent/dataset", "dry_run=true"))
     assert info.value.code == 2
     line = last_line(capsys.readouterr().err)
     assert line.startswith("error: ")
@@ -282,6 +272,6 @@ def test_train_py_missing_dataset_root(capsys) -> None:
 def test_algorithm_choice_multitask() -> None:
     from cl_vla.algorithms.multitask import Multitask
 
-    cfg = validate_config(compose("algorithm=multitask"))
+    cfg = validate_config(compose_config("algorithm=multitask"))
     assert cfg.algorithm.name == "multitask"
     assert isinstance(build_algorithm(cfg.algorithm), Multitask)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -93,6 +94,22 @@ def _three_tasks():
     return list(get_task_sequence("libero_spatial").tasks[:3])
 
 
+def _as_written_before_lambda_lr(ckpt_path: Path, steps_per_task: int) -> None:
+    """Rewrite a mid-task checkpoint as cl_vla wrote it before the LambdaLR: no scheduler state, and
+    the optimizer's rate the one set by hand before the last completed step."""
+    from cl_vla.training.checkpointing import write_checkpoint
+    from cl_vla.training.module import CLPolicyModule
+
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    done = ckpt["global_step"] % steps_per_task
+    warmup = int(next(a.split("=")[1] for a in FAST if a.startswith("trainer.warmup_steps=")))
+    probe = type("P", (), {"warmup_steps": warmup, "steps_per_task": steps_per_task, "min_lr_ratio": 0.1})()
+    ckpt["lr_schedulers"] = []
+    for group in ckpt["optimizer_states"][0]["param_groups"]:
+        group["lr"] = group.pop("initial_lr") * CLPolicyModule.lr_factor(probe, done - 1)
+    write_checkpoint(ckpt, ckpt_path)
+
+
 def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     ckpt = torch.load(run_dir / "checkpoints" / "task_02.ckpt", map_location="cpu", weights_only=True)
     return ckpt["state_dict"]
@@ -129,6 +146,9 @@ def test_sigkill_mid_task_then_resume_matches_uninterrupted(synthetic_libero, tm
     proc.wait()
     assert killed_at is not None, "the run ended before a mid-task checkpoint of task 1 appeared"
     assert not (cut_dir / "results.json").exists()
+    legacy_dir = tmp_path / "legacy"
+    shutil.copytree(cut_dir, legacy_dir)
+    _as_written_before_lambda_lr(legacy_dir / "checkpoints" / "last.ckpt", steps_per_task=24)
 
     resumed = run_train(
         _small_args(root, repo_id, tmp_path / "resume_hydra", [f"resume={cut_dir}"]), timeout=600
@@ -143,6 +163,17 @@ def test_sigkill_mid_task_then_resume_matches_uninterrupted(synthetic_libero, tm
     assert w_ref.keys() == w_cut.keys()
     for k in w_ref:
         torch.testing.assert_close(w_cut[k], w_ref[k], rtol=0, atol=1e-6, msg=k)
+
+    # A mid-task checkpoint from before the schedule was a LambdaLR resumes to the same end too.
+    legacy = run_train(
+        _small_args(root, repo_id, tmp_path / "legacy_hydra", [f"resume={legacy_dir}"]), timeout=600
+    )
+    assert legacy.returncode == 0, legacy.stderr[-3000:]
+    r_legacy = json.loads((legacy_dir / "results.json").read_text())["matrix"]
+    np.testing.assert_allclose(np.array(r_legacy, float), np.array(r_ref, float), rtol=0, atol=1e-6)
+    w_legacy = _final_weights(legacy_dir)
+    for k in w_ref:
+        torch.testing.assert_close(w_legacy[k], w_ref[k], rtol=0, atol=1e-6, msg=k)
     # Resuming from a task-boundary checkpoint: tests/test_every_algorithm.py (every algorithm).
 
 
