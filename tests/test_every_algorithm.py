@@ -92,10 +92,10 @@ def _overrides(algo: str, synthetic_libero, model: str = "tiny_vla") -> list[str
 
 
 def _digest(state) -> str:
-    from cl_vla.training.loop import _hash_into
+    from cl_vla.training.rank_digest import hash_into
 
     digest = hashlib.sha256()
-    _hash_into(digest, state)
+    hash_into(digest, state)
     return digest.hexdigest()
 
 
