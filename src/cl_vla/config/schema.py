@@ -151,6 +151,7 @@ class EvalConfig:
     max_batches: int | None = None  # per task; None: every held-out frame
     within_task_evals: int = 0  # extra evaluations of the current task during its training (LIBERO FWT)
     evaluate_unseen: bool = True  # also evaluate tasks not trained yet (forward transfer)
+    cache_baseline: bool = True  # eval=sim: the untrained row from cl_vla.evaluation.baseline_cache
     env: str | None = None  # sim: metaworld | libero; None: from task_sequence.suite
     episodes: int = 10  # sim: episodes per task and evaluation
     max_episode_steps: int | None = None  # sim: None = the simulator's (Meta-World 150, LIBERO per suite)

@@ -7,6 +7,7 @@ the run state; how it evaluates, checkpoints and hands algorithms their :class:`
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,8 @@ from cl_vla.training.checkpointing import (
 from cl_vla.training.module import CLPolicyModule
 from cl_vla.training.run_dir import RunHandle
 from cl_vla.training.trainer import build_trainer
+
+log = logging.getLogger(__name__)
 
 
 class ContinualRun:
@@ -174,6 +177,37 @@ class ContinualRun:
             )
             return self.sim.evaluate(self.module, tasks, label=label)
         return self._heldout(tasks)
+
+    def baseline(self) -> list[float]:
+        """The untrained policy's row over every task; under eval=sim from the cache when it holds it."""
+        every = list(range(self.T))
+        if self.cfg.eval.type != "sim" or not self.cfg.eval.cache_baseline:
+            return self._evaluate(every)
+        from cl_vla.evaluation.baseline_cache import baseline_key, baseline_row
+
+        key = baseline_key(self.cfg, self.policy, self.stats or {}, self.algorithm)
+        timeouts = self.sim.stats.timeouts if self.sim is not None else 0
+        row, cached = baseline_row(
+            key, self.T, lambda: self._evaluate(every), agree=self._all_ranks, write=False
+        )
+        # A row cut short by eval.timeout_s counts unfinished episodes as failures: not kept.
+        if not cached and self.trainer.is_global_zero and self.sim.stats.timeouts == timeouts:
+            from cl_vla.evaluation.baseline_cache import store_row
+
+            store_row(key, row)
+        if cached and self.trainer.is_global_zero:
+            log.info("baseline row from the cache (%s): %s", key[:12], ", ".join(f"{v:.2f}" for v in row))
+        return row
+
+    def _all_ranks(self, flag: bool) -> bool:
+        if self.trainer.world_size <= 1:
+            return flag
+        import torch
+        import torch.distributed as dist
+
+        t = torch.tensor([1.0 if flag else 0.0], device=self.module.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return bool(t.item() > 0)
 
     def _heldout(self, tasks: list[int]) -> list[float]:
         return evaluate_heldout(

@@ -72,10 +72,10 @@ def _start(run: ContinualRun, console: Console, resumed: bool) -> None:
             f"{run.run_dir} stopped before its first checkpoint: nothing to continue, "
             "starting it again from the beginning"
         )
-    every = list(range(run.T))
     run._stats_for_task(0)
-    run.state.baseline = run._evaluate(every)
+    run.state.baseline = run.baseline()
     if run.cfg.eval.type == "sim":
+        every = list(range(run.T))
         run.second = {"R": [[None] * run.T for _ in range(run.T)], "baseline": run._heldout(every)}
 
 
