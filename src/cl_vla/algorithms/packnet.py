@@ -24,7 +24,8 @@ following the paper it trains with the first task only and is frozen afterwards
 
 PackNet needs the task identity at evaluation: once a task has been pruned, running the policy in eval
 mode outside ``eval_context(task_id, module)`` raises an error instead of silently mixing every task's
-weights.
+weights. The mask math (pruning, what a task keeps, frozen snapshots) is in
+:mod:`cl_vla.algorithms.packnet_masks`.
 """
 
 from __future__ import annotations
