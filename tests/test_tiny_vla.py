@@ -15,7 +15,8 @@ from lerobot.policies.factory import get_policy_class, make_policy_config, make_
 
 import cl_vla.policies  # registers "tiny_vla"
 from cl_vla.policies.tiny_vla import TinyVLAConfig
-from cl_vla.policies.tiny_vla.modeling_tiny_vla import HashedTokenizer, TinyVLAPolicy
+from cl_vla.policies.tiny_vla.modeling_tiny_vla import TinyVLAPolicy
+from cl_vla.policies.tiny_vla.text_encoder_tiny_vla import HashedTokenizer
 
 STATE_DIM, ACTION_DIM, CHUNK = 8, 7, 10
 CAMERAS = ("observation.images.image", "observation.images.wrist_image")
@@ -155,7 +156,7 @@ def test_tokenizer_is_deterministic_across_processes():
         "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]),
     }
     code = (
-        "from cl_vla.policies.tiny_vla.modeling_tiny_vla import HashedTokenizer\n"
+        "from cl_vla.policies.tiny_vla.text_encoder_tiny_vla import HashedTokenizer\n"
         f"print(list(HashedTokenizer(4096, 32, True).encode({INSTRUCTION!r})))"
     )
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)

@@ -1,7 +1,15 @@
 """Continual-learning algorithms; see :class:`cl_vla.algorithms.base.CLAlgorithm` for the interface.
 
-Each algorithm is one module here plus one YAML in ``conf/algorithm/``. (``peft`` is imported only
-when a LoRA adapter is actually built.)
+Each algorithm is one module here plus its YAML in ``conf/algorithm/``: ``sequential``,
+``multitask``, ``er``, ``der`` (DER++, ``derpp.yaml``), ``mir``, ``gem``, ``agem``, ``ewc``
+(``ewc.yaml`` and ``ewc_online.yaml``), ``si``, ``lwf``, ``packnet`` and ``lora`` (per-task LoRA,
+``lora_per_task.yaml``). The other modules are helpers they share, named for what they hold:
+``base`` (the interface, :func:`~cl_vla.algorithms.base.rank_and_world`,
+:func:`~cl_vla.algorithms.base.to_device`), ``parameters`` (which parameters train),
+``replay_memory`` (the per-task reservoir of dataset references behind ER, DER++, MIR, GEM and
+A-GEM), ``gradient_projection`` (flat gradients and GEM's projection), ``fisher`` (EWC's squared
+gradients), ``quadratic_penalty`` (EWC's and SI's penalty) and ``packnet_masks`` (PackNet's owner
+masks). (``peft`` is imported only when a LoRA adapter is actually built.)
 """
 
 from cl_vla.algorithms.agem import AGEM

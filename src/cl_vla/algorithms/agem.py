@@ -18,7 +18,9 @@ from typing import Any
 
 import torch
 
-from cl_vla.algorithms.gem import EpisodicGradientAlgorithm, flat_grad, trainable_parameters, write_flat_grad
+from cl_vla.algorithms.gem import EpisodicGradientAlgorithm
+from cl_vla.algorithms.gradient_projection import flat_grad, write_flat_grad
+from cl_vla.algorithms.parameters import policy_of, trainable_parameters
 
 
 def agem_project(g: torch.Tensor, g_ref: torch.Tensor) -> torch.Tensor:
@@ -54,7 +56,7 @@ class AGEM(EpisodicGradientAlgorithm):
         """Project the current gradient when it conflicts with the memory's reference gradient."""
         if not self._memory.task_ids():
             return
-        params = trainable_parameters(module)
+        params = list(trainable_parameters(policy_of(module)).values())
         pairs = self._draw_across(self._step_rng(), self.memory_batch_size)
         g_ref = self._average_over_ranks(self._memory_gradient(module, params, pairs))
         self.num_steps += 1  # only once the step's draw was used: a failed step is drawn again
@@ -65,9 +67,6 @@ class AGEM(EpisodicGradientAlgorithm):
             write_flat_grad(params, projected)
             self.num_projections += 1
         self._log(module, "train/agem_projected", float(changed))
-
-    def hparams(self) -> dict[str, Any]:
-        return {k: v for k, v in super().hparams().items() if k != "margin"}
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()

@@ -19,8 +19,14 @@ Order of calls for one task ``t`` (each rank under DDP calls every hook):
     state_dict()               -> saved with every checkpoint
     eval_context(j, module)    -> wraps the evaluation of task j (masks, adapters)
 
-The first five abstract methods are the seed interface (``observe``, ``sample``, ``on_task_end``,
-``state_dict``, ``load_state_dict``); the rest have neutral defaults.
+The seed's interface was ``observe``, ``sample``, ``on_task_end``, ``state_dict`` and
+``load_state_dict``; four of them are abstract here. ``sample`` is kept with a neutral default (the
+loop never calls it: replay reaches the batches through ``replay_indices``), and ER, GEM / A-GEM and
+DER++ still implement it. The other hooks have neutral defaults too.
+
+Two helpers every algorithm may use live here as well: :func:`rank_and_world` (this process's DDP
+rank and the world size, ``(0, 1)`` without DDP) and :func:`to_device` (a collated batch moved to a
+device).
 """
 
 from __future__ import annotations
@@ -33,7 +39,26 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch.utils.data import Dataset
+
+
+def rank_and_world() -> tuple[int, int]:
+    """``(rank, world_size)`` of this process under ``torch.distributed``; ``(0, 1)`` without it."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """``batch`` with every tensor moved to ``device``, through mappings, lists and tuples."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, list | tuple):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
 
 
 @dataclass
@@ -72,10 +97,6 @@ class CLAlgorithm(ABC):
         """Called every training step with the current task batch (after the optimizer step)."""
 
     @abstractmethod
-    def sample(self, batch_size: int) -> Any:
-        """Return the algorithm's auxiliary artifact for this step (or None/empty to skip)."""
-
-    @abstractmethod
     def on_task_end(self, task_id: int, context: TaskContext | None = None) -> None:
         """Hook invoked after a task finishes."""
 
@@ -87,7 +108,16 @@ class CLAlgorithm(ABC):
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a snapshot produced by :meth:`state_dict` exactly (nothing is re-sampled)."""
 
-    # ---- hooks added by cl_vla (neutral defaults) -------------------------------------------------
+    # ---- hooks with neutral defaults ----------------------------------------------------------------
+
+    def sample(self, batch_size: int) -> Any:
+        """The seed's replay hook: ``batch_size`` stored samples, or None when there is nothing to give.
+
+        The continual loop never calls it: replayed frames reach the training batches through
+        :meth:`replay_indices`, drawn by the DataLoader's batch sampler. Memory-based algorithms (ER,
+        GEM / A-GEM, DER++) still implement it for direct use; this default returns None.
+        """
+        return None
 
     def setup(self, module: Any) -> None:  # noqa: B027
         """Called once the LightningModule exists, and again after a resume restored this algorithm's
@@ -126,11 +156,3 @@ class CLAlgorithm(ABC):
 
     def after_backward(self, module: Any, batch: Mapping[str, Any]) -> None:  # noqa: B027
         """Edit gradients in place after ``backward`` and before the optimizer step (GEM, A-GEM)."""
-
-    def hparams(self) -> dict[str, Any]:
-        """Hyperparameters to log; defaults to the public scalar attributes."""
-        return {
-            k: v
-            for k, v in vars(self).items()
-            if not k.startswith("_") and isinstance(v, int | float | str | bool)
-        }

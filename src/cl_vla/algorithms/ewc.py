@@ -7,12 +7,13 @@ Later tasks pay a quadratic penalty for moving important parameters away from th
     separate:  lambda/2 * sum_t sum_i F_t,i (theta_i - theta*_t,i)^2      (one term per finished task)
     online:    lambda/2 * sum_i F_i (theta_i - theta*_i)^2,  F <- gamma * F + F_t, theta* <- latest
                (Schwarz et al. 2018, "Progress & Compress": constant memory in the number of tasks)
+
+The squared-gradient accumulation the Fisher is made of is in :mod:`cl_vla.algorithms.fisher`.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -21,7 +22,9 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import Subset
 
-from cl_vla.algorithms.base import CLAlgorithm, TaskContext
+from cl_vla.algorithms.base import CLAlgorithm, TaskContext, rank_and_world
+from cl_vla.algorithms.fisher import add_batch_square_grads, add_per_sample_square_grads
+from cl_vla.algorithms.parameters import trainable_parameters
 from cl_vla.algorithms.quadratic_penalty import quadratic_penalty
 
 _STATE_VERSION = 1
@@ -48,47 +51,6 @@ def _finite_at_least_zero(value: Any) -> bool:
         return math.isfinite(float(value)) and float(value) >= 0.0
     except (TypeError, ValueError):
         return False
-
-
-def trainable_parameters(policy: nn.Module) -> dict[str, nn.Parameter]:
-    """``policy.named_parameters()`` that currently train (PackNet / LoRA may freeze some)."""
-    return {n: p for n, p in policy.named_parameters() if p.requires_grad}
-
-
-def _slice_sample(batch: Mapping[str, Any], i: int, size: int) -> dict[str, Any]:
-    """Sample ``i`` of a collated batch as a batch of one (tensors and per-sample lists are sliced)."""
-    out: dict[str, Any] = {}
-    for k, v in batch.items():
-        if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == size:
-            out[k] = v[i : i + 1]
-        elif isinstance(v, list | tuple) and len(v) == size:
-            out[k] = type(v)([v[i]]) if isinstance(v, list) else (v[i],)
-        else:
-            out[k] = v
-    return out
-
-
-def _batch_len(batch: Mapping[str, Any]) -> int:
-    for v in batch.values():
-        if isinstance(v, Tensor) and v.dim() > 0:
-            return int(v.shape[0])
-    for v in batch.values():
-        if isinstance(v, list | tuple):
-            return len(v)
-    raise ValueError("cannot find the batch size of a Fisher batch: it holds no tensor and no list.")
-
-
-class _LossOf(nn.Module):
-    """Holds the policy as a submodule so ``functional_call`` can swap its parameters while the run's
-    own ``compute_loss`` (preprocessor + policy forward) is what gets differentiated."""
-
-    def __init__(self, policy: nn.Module, compute_loss: Callable[[dict], tuple[Tensor, dict]]) -> None:
-        super().__init__()
-        self.policy = policy
-        self._compute_loss = compute_loss
-
-    def forward(self, batch: dict) -> Tensor:
-        return self._compute_loss(batch)[0].mean()
 
 
 class EWC(CLAlgorithm):
@@ -243,7 +205,7 @@ class EWC(CLAlgorithm):
             raise ValueError("cannot compute a Fisher on an empty dataset; the task needs at least 1 frame.")
         # Evenly spaced frames: every episode of the task contributes, and no random draw to re-do on resume.
         positions = [(i * n) // k for i in range(k)]
-        world, rank = (dist.get_world_size(), dist.get_rank()) if _dist_on() else (1, 0)
+        rank, world = rank_and_world()
         shard = Subset(dataset, positions[rank::world])
         loader = make_loader(shard, batch_size=self.fisher_batch_size, shuffle=False)
 
@@ -259,10 +221,13 @@ class EWC(CLAlgorithm):
                 torch.manual_seed(_FISHER_SEED)
                 for batch in loader:
                     if self.fisher == "batch":
-                        self._add_batch_grad(compute_loss, params, batch, sums)
+                        add_batch_square_grads(compute_loss, params, batch, sums)
                         count += 1
                     else:
-                        count += self._add_per_sample_grads(policy, compute_loss, params, batch, sums)
+                        size, self._vmap_ok = add_per_sample_square_grads(
+                            policy, compute_loss, params, batch, sums, self._vmap_ok
+                        )
+                        count += size
         finally:
             policy.train(was_training)
 
@@ -285,59 +250,6 @@ class EWC(CLAlgorithm):
             )
             offset += size
         return out
-
-    @staticmethod
-    def _add_batch_grad(
-        compute_loss: Callable, params: Mapping[str, Tensor], batch: dict, sums: dict[str, Tensor]
-    ) -> None:
-        loss = compute_loss(batch)[0].mean()
-        grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
-        for name, g in zip(params, grads, strict=True):
-            if g is not None:
-                sums[name].add_(g.detach().to(sums[name].dtype).square())
-
-    def _add_per_sample_grads(
-        self,
-        policy: nn.Module,
-        compute_loss: Callable,
-        params: Mapping[str, Tensor],
-        batch: dict,
-        sums: dict[str, Tensor],
-    ) -> int:
-        size = _batch_len(batch)
-        if self._vmap_ok:
-            # A failed attempt may have drawn random numbers (a flow-matching VLA's loss samples noise):
-            # the loop starts from the same state, so a resumed run (which tries vmap again) draws what
-            # the uninterrupted run (which had stopped trying) drew.
-            rng = torch.random.get_rng_state()
-            cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
-            try:
-                chunk = _vmap_square_grads(policy, compute_loss, params, batch, size)
-            except Exception as e:  # any tracing failure means: use the loop
-                torch.random.set_rng_state(rng)
-                if cuda_rng is not None:
-                    torch.cuda.set_rng_state_all(cuda_rng)
-                self._vmap_ok = False
-                warnings.warn(
-                    f"EWC: per-sample gradients with torch.func.vmap failed on this policy "
-                    f"({type(e).__name__}: {str(e)[:120]}...); "
-                    "using a loop of single-sample gradients instead (same Fisher, slower).",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-            else:
-                for name, s in chunk.items():
-                    sums[name].add_(s.to(sums[name].dtype))
-                return size
-        names, tensors = list(params), list(params.values())
-        for i in range(size):
-            loss = compute_loss(_slice_sample(batch, i, size))[0].mean()
-            # autograd.grad, not backward: .grad stays untouched and DDP's gradient hooks never fire.
-            grads = torch.autograd.grad(loss, tensors, allow_unused=True)
-            for name, g in zip(names, grads, strict=True):
-                if g is not None:
-                    sums[name].add_(g.detach().to(sums[name].dtype).square())
-        return size
 
     # ---- the seed's interface -------------------------------------------------------------------
 
@@ -417,47 +329,4 @@ class EWC(CLAlgorithm):
         )
 
 
-def _dist_on() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def _vmap_square_grads(
-    policy: nn.Module, compute_loss: Callable, params: Mapping[str, Tensor], batch: dict, size: int
-) -> dict[str, Tensor]:
-    """Sum over the batch of squared per-sample gradients, with ``torch.func``.
-
-    ``vmap`` maps over tensors only, so samples are grouped by their non-tensor per-sample fields (the
-    instruction string): within one group those fields are constants of the traced function. A task's
-    frames share one instruction, so this is normally a single group.
-    """
-    from torch.func import functional_call, grad, vmap
-
-    wrapper = _LossOf(policy, compute_loss)
-    prefixed = {f"policy.{n}": p.detach() for n, p in params.items()}
-    tensor_keys = [
-        k for k, v in batch.items() if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == size
-    ]
-    list_keys = [k for k, v in batch.items() if isinstance(v, list | tuple) and len(v) == size]
-    constants = {k: v for k, v in batch.items() if k not in tensor_keys and k not in list_keys}
-    groups: dict[tuple, list[int]] = {}
-    for i in range(size):
-        groups.setdefault(tuple(repr(batch[k][i]) for k in list_keys), []).append(i)
-
-    out = {
-        n: torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32)) for n, p in params.items()
-    }
-    for idx in groups.values():
-        fixed = {**constants, **{k: [batch[k][idx[0]]] for k in list_keys}}
-
-        def loss_one(p: dict[str, Tensor], sample: dict[str, Tensor], fixed: dict = fixed) -> Tensor:
-            return functional_call(wrapper, p, ({**{k: v.unsqueeze(0) for k, v in sample.items()}, **fixed},))
-
-        rows = torch.tensor(idx, device=batch[tensor_keys[0]].device) if tensor_keys else None
-        samples = {k: batch[k].index_select(0, rows.to(batch[k].device)) for k in tensor_keys}
-        grads = vmap(grad(loss_one), in_dims=(None, 0), randomness="different")(prefixed, samples)
-        for n in params:
-            out[n].add_(grads[f"policy.{n}"].detach().to(out[n].dtype).square().sum(0))
-    return out
-
-
-__all__ = ["EWC", "trainable_parameters"]
+__all__ = ["EWC"]

@@ -12,7 +12,8 @@ package is needed. ``margin`` is the paper's ``memory_strength`` γ: its code so
 which is the same as projecting ``g + γ G^T 1`` (a push towards the past tasks' gradients).
 
 This module also holds what GEM shares with A-GEM (:mod:`cl_vla.algorithms.agem`): the episodic
-memory and the memory-gradient machinery (:class:`EpisodicGradientAlgorithm`).
+memory and the memory-gradient machinery (:class:`EpisodicGradientAlgorithm`). The projection and
+the flat-gradient helpers are in :mod:`cl_vla.algorithms.gradient_projection`.
 
 Memory frames: the references are read through ``context.make_loader`` (the run's DataLoader and
 collate, kept from the last task hook) with ``num_workers=0``, since starting worker processes at
@@ -29,17 +30,17 @@ A-GEM's) does not depend on that scale, the margin term does (bf16 and fp32 have
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from scipy.optimize import nnls
 from torch.utils.data import DataLoader
 
-from cl_vla.algorithms.base import CLAlgorithm, TaskContext
+from cl_vla.algorithms.base import CLAlgorithm, TaskContext, rank_and_world, to_device
+from cl_vla.algorithms.gradient_projection import flat_grad, gem_project, non_negative_float, write_flat_grad
+from cl_vla.algorithms.parameters import policy_of, trainable_parameters
 from cl_vla.algorithms.replay_memory import ReplayMemory, entropy
 
 _STATE_VERSION = 1
@@ -59,106 +60,6 @@ def _positive_int(name: str, value: Any) -> int:
     if not ok:
         raise ValueError(f"{name} must be a positive int, got {value!r}.")
     return int(value)
-
-
-def _non_negative_float(name: str, value: Any) -> float:
-    try:
-        ok = not isinstance(value, bool) and math.isfinite(float(value)) and float(value) >= 0
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}.")
-    return float(value)
-
-
-# ---- the projections (pure math, tested on their own) -----------------------------------------------
-
-
-def gem_project(g: torch.Tensor, G: torch.Tensor, margin: float = 0.0) -> torch.Tensor:
-    """GEM's projection of the gradient ``g`` (shape ``(n,)``) against past gradients ``G`` (``(K, n)``).
-
-    Returns ``g`` itself when ``G @ g >= 0`` already holds. Otherwise returns ``g + G^T v`` with ``v``
-    the solution of the dual QP ``min 1/2 v^T G G^T v + g^T G^T v`` subject to ``v >= margin``: for
-    ``margin = 0`` the closest vector to ``g`` with ``G @ g~ >= 0``; for ``margin > 0`` the closest such
-    vector to ``g + margin * G^T 1``. The K x K dual is solved exactly as non-negative least squares on
-    a square root of ``G G^T`` (rank-deficient ``G``, e.g. two equal past gradients, is fine).
-    """
-    if G.ndim != 2 or g.ndim != 1 or G.shape[1] != g.shape[0]:
-        raise ValueError(
-            f"gem_project needs g of shape (n,) and G of shape (K, n), got {g.shape} and {G.shape}."
-        )
-    margin = _non_negative_float("margin", margin)
-    if G.shape[0] == 0:
-        return g
-    dots = G @ g
-    if not bool((dots < 0).any()):
-        return g
-    gram = (G @ G.T).double().cpu().numpy()
-    gram = 0.5 * (gram + gram.T)
-    # Shift v = margin + w (w >= 0): the linear term becomes G (g + margin G^T 1).
-    c = dots.double().cpu().numpy() + margin * gram.sum(axis=1)
-    lam, U = np.linalg.eigh(gram)
-    keep = lam > max(float(lam.max()), 0.0) * 1e-10
-    if not keep.any():  # every past gradient is zero: nothing constrains g
-        return g
-    # With gram = A^T A (A = sqrt(lam) U^T), 1/2 w^T gram w + c^T w = 1/2 |A w - b|^2 + const for
-    # A^T b = -c; c lies in the range of gram (it is G times a vector), so b exists.
-    A = np.sqrt(lam[keep])[:, None] * U[:, keep].T
-    b = -(U[:, keep].T @ c) / np.sqrt(lam[keep])
-    w, _ = nnls(A, b, maxiter=50 * max(10, G.shape[0]))
-    v = torch.as_tensor(w + margin, dtype=G.dtype, device=G.device)
-    return g + G.T @ v
-
-
-# ---- gradients -------------------------------------------------------------------------------------
-
-
-def _policy(module: Any) -> torch.nn.Module:
-    return getattr(module, "policy", module)
-
-
-def trainable_parameters(module: Any) -> list[torch.nn.Parameter]:
-    """The policy's parameters that train (what ``CLPolicyModule`` hands the optimizer)."""
-    return [p for p in _policy(module).parameters() if p.requires_grad]
-
-
-def flat_grad(
-    params: Sequence[torch.Tensor], grads: Iterable[torch.Tensor | None] | None = None
-) -> torch.Tensor:
-    """``params``' gradients (``.grad`` unless ``grads`` is given) as one vector; ``None`` counts as 0."""
-    grads = [p.grad for p in params] if grads is None else list(grads)
-    return torch.cat(
-        [(torch.zeros_like(p) if gr is None else gr).reshape(-1) for p, gr in zip(params, grads, strict=True)]
-    )
-
-
-def write_flat_grad(params: Sequence[torch.Tensor], vector: torch.Tensor) -> None:
-    """Copy ``vector`` into ``params``' ``.grad`` in place (creating missing ones)."""
-    offset = 0
-    for p in params:
-        n = p.numel()
-        chunk = vector[offset : offset + n].view_as(p)
-        if p.grad is None:
-            p.grad = chunk.detach().clone()
-        else:
-            p.grad.copy_(chunk)
-        offset += n
-
-
-def _distributed() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _to_device(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, Mapping):
-        return {k: _to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, list | tuple):
-        return type(batch)(_to_device(v, device) for v in batch)
-    return batch
 
 
 def _module_device(module: Any, params: Sequence[torch.Tensor]) -> torch.device:
@@ -203,7 +104,7 @@ class EpisodicGradientAlgorithm(CLAlgorithm):
     def _check_hparams(cls, memory_per_task: Any, memory_batch_size: Any, margin: Any) -> None:
         per_task = _positive_int("memory_per_task", memory_per_task)
         batch = _positive_int("memory_batch_size", memory_batch_size)
-        _non_negative_float("margin", margin)
+        non_negative_float("margin", margin)
         if cls._batch_within_task and per_task < batch:
             raise ValueError(
                 f"memory_per_task={per_task} is smaller than one memory batch (memory_batch_size={batch}); "
@@ -240,15 +141,6 @@ class EpisodicGradientAlgorithm(CLAlgorithm):
         ds = self._memory.subset(self._refs_of(pairs)) if pairs else None
         return [] if ds is None else [ds[i] for i in range(len(ds))]
 
-    def hparams(self) -> dict[str, Any]:
-        """The constructor's arguments (the step counters are state, not hyperparameters)."""
-        return {
-            "memory_per_task": self.memory_per_task,
-            "memory_batch_size": self.memory_batch_size,
-            "margin": self.margin,
-            "seed": self.seed,
-        }
-
     def memory_bytes(self) -> int:
         """Bytes held between steps: 8 per stored reference (frames stay in the dataset)."""
         return self._memory.memory_bytes()
@@ -261,7 +153,7 @@ class EpisodicGradientAlgorithm(CLAlgorithm):
 
     def _step_rng(self) -> np.random.Generator:
         # A pure function of (seed, rank, step): ranks draw different frames, a resume the same ones.
-        rank, _ = _distributed()
+        rank, _ = rank_and_world()
         return np.random.default_rng([entropy(self.seed), _STEP_STREAM, rank, self.num_steps])
 
     def _draw_within(self, rng: np.random.Generator, task_id: int) -> list[tuple[int, int]]:
@@ -303,7 +195,7 @@ class EpisodicGradientAlgorithm(CLAlgorithm):
         self, module: Any, params: Sequence[torch.Tensor], pairs: Sequence[tuple[int, int]]
     ) -> torch.Tensor:
         """The gradient of the policy loss on the memory frames ``pairs``, leaving ``.grad`` untouched."""
-        batch = _to_device(self._load_batch(pairs), _module_device(module, params))
+        batch = to_device(self._load_batch(pairs), _module_device(module, params))
         with torch.enable_grad():
             loss, _ = module.compute_loss(batch)
             grads = torch.autograd.grad(loss, list(params), allow_unused=True)
@@ -311,7 +203,7 @@ class EpisodicGradientAlgorithm(CLAlgorithm):
 
     @staticmethod
     def _average_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
-        _, world = _distributed()
+        _, world = rank_and_world()
         if world > 1:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
             tensor /= world
@@ -388,7 +280,7 @@ class GEM(EpisodicGradientAlgorithm):
         tasks = self._memory.task_ids()
         if not tasks:
             return
-        params = trainable_parameters(module)
+        params = list(trainable_parameters(policy_of(module)).values())
         rng = self._step_rng()
         G = torch.stack([self._memory_gradient(module, params, self._draw_within(rng, t)) for t in tasks])
         G = self._average_over_ranks(G)
@@ -402,11 +294,4 @@ class GEM(EpisodicGradientAlgorithm):
         self._log(module, "train/gem_projected", float(changed))
 
 
-__all__ = [
-    "GEM",
-    "EpisodicGradientAlgorithm",
-    "flat_grad",
-    "gem_project",
-    "trainable_parameters",
-    "write_flat_grad",
-]
+__all__ = ["GEM", "EpisodicGradientAlgorithm"]

@@ -80,10 +80,6 @@ class PerTaskLoRA(CLAlgorithm):
     def observe(self, batch: Mapping[str, Any], **kwargs: Any) -> None:
         """No-op: the adapter learns through the ordinary optimizer step."""
 
-    def sample(self, batch_size: int) -> list[dict]:
-        """Nothing to replay: always an empty list."""
-        return []
-
     def on_task_end(self, task_id: int, context: TaskContext | None = None) -> None:
         """No-op: the next task's start freezes this adapter."""
 

@@ -13,6 +13,7 @@ from torch import Tensor
 from torch.func import functional_call
 from torch.utils.data import default_collate
 
+from cl_vla.algorithms.base import rank_and_world
 from cl_vla.algorithms.der import eval_mode, forked_rng, take_rows
 from cl_vla.algorithms.er import ReplayBuffer, _is_positive_int
 from cl_vla.algorithms.replay_memory import entropy
@@ -140,7 +141,7 @@ class MIR(ReplayBuffer):
         loss = policy.forward(replay)[0].mean()
         names = list(params)
         grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
-        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        _, world = rank_and_world()
         for name, g in zip(names, grads, strict=True):
             if g is None:
                 continue

@@ -24,7 +24,8 @@ following the paper it trains with the first task only and is frozen afterwards
 
 PackNet needs the task identity at evaluation: once a task has been pruned, running the policy in eval
 mode outside ``eval_context(task_id, module)`` raises an error instead of silently mixing every task's
-weights.
+weights. The mask math (pruning, what a task keeps, frozen snapshots) is in
+:mod:`cl_vla.algorithms.packnet_masks`.
 """
 
 from __future__ import annotations
@@ -38,56 +39,23 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 
-from cl_vla.algorithms.base import CLAlgorithm, TaskContext
+from cl_vla.algorithms.base import CLAlgorithm, TaskContext, rank_and_world, to_device
+from cl_vla.algorithms.packnet_masks import (
+    MAX_TASKS,
+    Snapshot,
+    frozen_snapshot,
+    keep_mask,
+    prunable_parameter_names,
+    prune_layer,
+    restore_frozen,
+    zero_frozen_grads,
+)
 
 _STATE_VERSION = 1
 _FINETUNE_STREAM = 21
-_MAX_TASKS = 254  # owners are uint8 and 0 means free
 _SHARED_CHOICES = ("first_task", "never")
-
-# _ConvNd is the base of Conv1d/2d/3d and ConvTranspose1d/2d/3d.
-_LAYER_TYPES = (nn.Linear, nn.modules.conv._ConvNd)
-_MHA_WEIGHTS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
-
-
-def prunable_parameter_names(policy: nn.Module) -> list[str]:
-    """Names (as in ``policy.named_parameters()``) of the trainable linear / conv weight matrices."""
-    names: list[str] = []
-    for mod_name, mod in policy.named_modules():
-        prefix = f"{mod_name}." if mod_name else ""
-        if isinstance(mod, _LAYER_TYPES):
-            attrs: tuple[str, ...] = ("weight",)
-        elif isinstance(mod, nn.MultiheadAttention):
-            attrs = _MHA_WEIGHTS
-        else:
-            continue
-        for attr in attrs:
-            p = getattr(mod, attr, None)
-            if isinstance(p, nn.Parameter) and p.requires_grad:
-                names.append(prefix + attr)
-    # A parameter shared by two modules appears once, in order.
-    return list(dict.fromkeys(names))
-
-
-class _Batches(Sampler[list[int]]):
-    def __init__(self, batches: list[list[int]]) -> None:
-        self.batches = batches
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __iter__(self) -> Iterator[list[int]]:
-        return iter(self.batches)
-
-
-def _to_device(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    if isinstance(batch, Mapping):
-        return {k: _to_device(v, device) for k, v in batch.items()}
-    return batch
 
 
 class PackNet(CLAlgorithm):
@@ -131,8 +99,8 @@ class PackNet(CLAlgorithm):
         self._policy: nn.Module | None = None
         self._params: dict[str, nn.Parameter] = {}
         self._shared: dict[str, nn.Parameter] = {}
-        # name -> (frozen-element mask or None for a whole tensor, frozen values); None: take it lazily.
-        self._snapshot: dict[str, tuple[torch.Tensor | None, torch.Tensor]] | None = None
+        # What stays frozen and its values (see packnet_masks.frozen_snapshot); None: take it lazily.
+        self._snapshot: Snapshot | None = None
         self._eval_depth = 0
         self._hooks: list[Any] = []
 
@@ -221,17 +189,9 @@ class PackNet(CLAlgorithm):
 
     # ---- training -------------------------------------------------------------------------------
 
-    @torch.no_grad()
     def _take_snapshot(self) -> None:
-        snap: dict[str, tuple[torch.Tensor | None, torch.Tensor]] = {}
-        for name, p in self._params.items():
-            frozen = self._owners[name] != 0
-            if bool(frozen.any()):
-                snap[name] = (frozen, p.detach()[frozen].clone())
-        if self._shared_frozen():
-            for name, p in self._shared.items():
-                snap[name] = (None, p.detach().clone())
-        self._snapshot = snap
+        shared = self._shared if self._shared_frozen() else {}
+        self._snapshot = frozen_snapshot(self._params, self._owners, shared)
 
     def _all_params(self) -> dict[str, nn.Parameter]:
         return {**self._params, **self._shared}
@@ -242,27 +202,11 @@ class PackNet(CLAlgorithm):
         if self._snapshot is None:
             # The first backward of a fit: the weights are the ones to keep (restored on a resume).
             self._take_snapshot()
-        params = self._all_params()
-        for name, (mask, _) in self._snapshot.items():
-            grad = params[name].grad
-            if grad is None:
-                continue
-            if mask is None:
-                grad.zero_()
-            else:
-                grad.masked_fill_(mask, 0.0)
+        zero_frozen_grads(self._all_params(), self._snapshot)
 
-    @torch.no_grad()
     def _restore(self) -> None:
-        if self._snapshot is None:
-            return
-        params = self._all_params()
-        for name, (mask, values) in self._snapshot.items():
-            p = params[name]
-            if mask is None:
-                p.copy_(values)
-            else:
-                p.masked_scatter_(mask, values)
+        if self._snapshot is not None:
+            restore_frozen(self._all_params(), self._snapshot)
 
     def observe(self, batch: Mapping[str, Any], **kwargs: Any) -> None:
         """After the optimizer step: put frozen elements back (weight decay and Adam moments move them)."""
@@ -316,8 +260,8 @@ class PackNet(CLAlgorithm):
         task_id = int(task_id)
         if task_id in self.pruned_tasks:
             return  # already pruned (a hook called twice must not prune the kept weights again)
-        if task_id >= _MAX_TASKS:
-            raise ValueError(f"PackNet supports task ids below {_MAX_TASKS}, got {task_id}.")
+        if task_id >= MAX_TASKS:
+            raise ValueError(f"PackNet supports task ids below {MAX_TASKS}, got {task_id}.")
         self._restore()  # the last step's update is already undone, but be safe for direct callers
         self.prune(task_id)
         if self.finetune_steps > 0 and context is not None and context.train_dataset is not None:
@@ -327,17 +271,8 @@ class PackNet(CLAlgorithm):
     @torch.no_grad()
     def prune(self, task_id: int) -> None:
         """Per layer, zero the ``prune_ratio`` smallest free weights; the other free ones go to the task."""
-        owner_value = int(task_id) + 1
         for name, p in self._params.items():
-            owner = self._owners[name]
-            idx = (owner.view(-1) == 0).nonzero().squeeze(1)
-            n_prune = round(self.prune_ratio * idx.numel())
-            # A stable sort makes ties (e.g. weights already at zero) deterministic on every rank.
-            order = torch.sort(p.detach().reshape(-1)[idx].abs(), stable=True).indices
-            pruned = torch.zeros(p.numel(), dtype=torch.bool, device=p.device)
-            pruned[idx[order[:n_prune]]] = True
-            owner.view(-1)[idx[order[n_prune:]]] = owner_value
-            p.masked_fill_(pruned.view(p.shape), 0.0)
+            prune_layer(p, self._owners[name], self.prune_ratio, int(task_id) + 1)
         self.pruned_tasks.append(int(task_id))
 
     def _finetune(self, task_id: int, ctx: TaskContext) -> None:
@@ -356,18 +291,17 @@ class PackNet(CLAlgorithm):
         lr = self.finetune_lr if self.finetune_lr is not None else float(getattr(module, "lr", 1e-4))
         wd = float(getattr(module, "weight_decay", 0.0))
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=wd)
-        rank, world = (
-            (dist.get_rank(), dist.get_world_size())
-            if dist.is_available() and dist.is_initialized()
-            else (0, 1)
-        )
+        rank, world = rank_and_world()
         n = len(ctx.train_dataset)
         rng = np.random.default_rng([self.seed % (1 << 64), _FINETUNE_STREAM, task_id, rank])
         bs = self.finetune_batch_size
         batches = [
             [int(i) for i in rng.choice(n, size=bs, replace=bs > n)] for _ in range(self.finetune_steps)
         ]
-        sampler = _Batches(batches)
+        # Imported here: the data module brings Lightning, which ``import cl_vla`` does not load.
+        from cl_vla.data.datamodule import ListBatchSampler
+
+        sampler = ListBatchSampler(batches)
         loader = (
             ctx.make_loader(ctx.train_dataset, batch_sampler=sampler)
             if ctx.make_loader is not None
@@ -379,7 +313,7 @@ class PackNet(CLAlgorithm):
         try:
             for raw in loader:
                 with torch.enable_grad():
-                    loss, _ = compute_loss(_to_device(raw, device))
+                    loss, _ = compute_loss(to_device(raw, device))
                     grads = torch.autograd.grad(loss, params, allow_unused=True)
                 for p, g, m in zip(params, grads, masks, strict=True):
                     g = torch.zeros_like(p) if g is None else g.masked_fill(~m, 0.0)
@@ -406,12 +340,7 @@ class PackNet(CLAlgorithm):
 
     def keep_mask(self, name: str, task_id: int) -> torch.Tensor:
         """Which elements of weight ``name`` task ``task_id`` uses (bool, shaped like the weight)."""
-        owner = self._owners[name]
-        # Clamped: a uint8 comparison with a larger Python int would wrap around.
-        keep = (owner != 0) & (owner <= min(task_id + 1, 255))
-        if task_id not in self.pruned_tasks:
-            keep |= owner == 0
-        return keep
+        return keep_mask(self._owners[name], task_id, pruned=task_id in self.pruned_tasks)
 
     @contextmanager
     def _masked(self, task_id: int) -> Iterator[None]:
@@ -432,11 +361,7 @@ class PackNet(CLAlgorithm):
                 for p, drop, values in saved:
                     p.masked_scatter_(drop, values)
 
-    # ---- seed interface / checkpointing -----------------------------------------------------------
-
-    def sample(self, batch_size: int) -> list[dict]:
-        """Nothing to mix in: always an empty list."""
-        return []
+    # ---- checkpointing -----------------------------------------------------------
 
     def owners(self) -> dict[str, torch.Tensor]:
         """Owner masks by parameter name (uint8; 0 free, ``k + 1`` task ``k``), as live tensors."""
@@ -466,4 +391,4 @@ class PackNet(CLAlgorithm):
         )
 
 
-__all__ = ["PackNet", "prunable_parameter_names"]
+__all__ = ["PackNet"]

@@ -22,10 +22,6 @@ class Sequential(CLAlgorithm):
     def observe(self, batch: Mapping[str, Any], **kwargs: Any) -> None:
         """No-op."""
 
-    def sample(self, batch_size: int) -> list[dict]:
-        """Nothing to mix in: always an empty list."""
-        return []
-
     def on_task_end(self, task_id: int, context: TaskContext | None = None) -> None:
         """No-op."""
 

@@ -135,10 +135,13 @@ class ContinualDataModule(L.LightningDataModule):
         indices = list(range(len(dataset)))
         size = self.eval_batch_size
         batches = [indices[i : i + size] for i in range(0, len(indices), size)]
-        return self.loader(dataset, batch_sampler=_ListSampler(batches[rank::world_size]))
+        return self.loader(dataset, batch_sampler=ListBatchSampler(batches[rank::world_size]))
 
 
-class _ListSampler(Sampler[list[int]]):
+class ListBatchSampler(Sampler[list[int]]):
+    """A batch sampler that yields the given batches of indices, in order (held-out evaluation here,
+    PackNet's fine-tuning batches in :mod:`cl_vla.algorithms.packnet`)."""
+
     def __init__(self, batches: Sequence[list[int]]) -> None:
         self.batches = list(batches)
 

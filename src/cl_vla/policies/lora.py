@@ -47,6 +47,14 @@ def _require_peft() -> Any:
     return peft
 
 
+def _peft_functional() -> Any:
+    """``peft.functional``: peft's adapter switches for models that are not a ``PeftModel``."""
+    _require_peft()
+    from peft import functional
+
+    return functional
+
+
 @dataclass
 class LoRASettings:
     """Rank, scaling, dropout and targets of a LoRA adapter, validated on construction.
@@ -234,15 +242,18 @@ def activate_adapter(model: nn.Module, adapter: str | None) -> None:
 
     Leaves ``requires_grad`` as it was: peft's switches set it as a side effect.
     """
+    layers = lora_layers(model)
+    if not layers:
+        return
     flags = {id(p): p.requires_grad for p in model.parameters()}
-    for layer in lora_layers(model):
-        if adapter is None:
-            layer.enable_adapters(False)
-        else:
-            if adapter not in layer.lora_A:
-                raise ConfigError(f"LoRA adapter {adapter!r} does not exist; have {adapter_names(model)}.")
-            layer.enable_adapters(True)
-            layer.set_adapter(adapter)
+    if adapter is not None and any(adapter not in layer.lora_A for layer in layers):
+        raise ConfigError(f"LoRA adapter {adapter!r} does not exist; have {adapter_names(model)}.")
+    # peft.functional has no switch that disables adapters (only PeftModel's context manager does), so
+    # each layer's own enable_adapters is called; selecting one is peft.functional.set_adapter.
+    for layer in layers:
+        layer.enable_adapters(adapter is not None)
+    if adapter is not None:
+        _peft_functional().set_adapter(model, adapter)
     for p in model.parameters():
         p.requires_grad_(flags[id(p)])
 
@@ -258,10 +269,16 @@ def active_adapter(model: nn.Module) -> str | None:
 
 def set_trainable(model: nn.Module, adapter: str | None, train_base: bool = False) -> None:
     """Only ``adapter``'s LoRA weights train (plus every non-LoRA weight when ``train_base``)."""
-    trainable = {id(p) for _, p in lora_parameters(model, adapter)} if adapter is not None else set()
     lora_ids = {id(p) for _, p in lora_parameters(model)}
     for p in model.parameters():
-        p.requires_grad_(id(p) in trainable or (train_base and id(p) not in lora_ids))
+        if id(p) not in lora_ids:
+            p.requires_grad_(train_base)
+    names = adapter_names(model)
+    if names:
+        functional = _peft_functional()
+        functional.set_requires_grad(model, names, requires_grad=False)
+        if adapter is not None:
+            functional.set_requires_grad(model, adapter, requires_grad=True)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
@@ -271,6 +288,12 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
         total += p.numel()
         trainable += p.numel() if p.requires_grad else 0
     return trainable, total
+
+
+# adapter_state / load_adapter_state stay hand-written: peft.functional's get_peft_model_state_dict and
+# set_peft_model_state_dict need the ``peft_config`` that inject_lora removes from the policy, key the
+# weights without the adapter's name (checkpoints key them by full parameter name), return live tensors
+# rather than CPU copies, and load with strict=False instead of refusing weights that do not match.
 
 
 def adapter_state(model: nn.Module, adapter: str) -> dict[str, torch.Tensor]:
