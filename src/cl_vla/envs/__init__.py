@@ -1,7 +1,9 @@
 """Simulators: demonstrations recorded with scripted experts, and closed-loop evaluation.
 
 * :mod:`cl_vla.envs.metaworld`: Meta-World tasks as lerobot defines them (names, instructions,
-  experts), fast offscreen rendering, and the worker processes that step and render environments;
+  experts) and the worker processes that step and render environments;
+* :mod:`cl_vla.envs.metaworld_env`: the environments themselves (fast offscreen rendering, seeded
+  resets, the environment cache);
 * :mod:`cl_vla.envs.metaworld_record`: scripted-expert demonstrations -> a cached LeRobot dataset
   (``data=metaworld``);
 * :mod:`cl_vla.envs.workers`: the simulation worker processes every simulator shares;

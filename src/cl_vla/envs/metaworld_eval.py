@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cl_vla.algorithms.base import rank_and_world
 from cl_vla.envs.metaworld import (
     MAX_PATH_LENGTH,
     ObservationSpec,
@@ -74,14 +75,6 @@ class RolloutStats:
             "timeouts": self.timeouts,
             "per_eval": self.per_eval,
         }
-
-
-def _rank_and_world() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 class ClosedLoopEvaluator:
@@ -157,7 +150,7 @@ class ClosedLoopEvaluator:
         Under DDP the episodes are split over the ranks (rank r runs episodes r, r + world, ...) and the
         success counts summed, so the rate is over all ``eval.episodes`` and no episode runs twice.
         """
-        rank, world = _rank_and_world()
+        rank, world = rank_and_world()
         # One name per evaluation (videos and statistics): a repeated label gets a counter.
         self._labels[label] = self._labels.get(label, 0) + 1
         if self._labels[label] > 1:

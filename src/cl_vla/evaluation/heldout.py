@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
+from cl_vla.algorithms.base import rank_and_world
 from cl_vla.data.datamodule import ContinualDataModule
 from cl_vla.training.module import CLPolicyModule
 
@@ -27,8 +28,7 @@ def evaluate_heldout(
     max_batches: int | None = None,
     seed: int = 0,
 ) -> list[float]:
-    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    rank, world = rank_and_world()
     was_training = module.policy.training
     module.policy.eval()
     sums = torch.zeros(len(tasks), 2, dtype=torch.float64)
