@@ -305,24 +305,20 @@ HUB_MODELS = ("smolvla", "pi0", "pi05", "groot")
 def markdown_table(tasks: int = 10, capacity_gb: float = 80.0) -> str:
     """Every hub VLA x every algorithm: CL state, total, and the option that fits ``capacity_gb``."""
     from cl_vla.paths import conf_dir
+    from cl_vla.results.tables import markdown_table as table
 
     algos = sorted(p.stem for p in (conf_dir() / "algorithm").glob("*.yaml"))
-    out = [
-        f"| model | parameters (train) | algorithm | CL state ({tasks} tasks) | total "
-        f"| fits {capacity_gb:.0f} GB with |",
-        "|---|---|---|---|---|---|",
-    ]
+    head = ["model", "parameters (train)", "algorithm", f"CL state ({tasks} tasks)", "total"]
+    rows = []
     for model in HUB_MODELS:
         size = count_hub_model(model)
         for algo in algos:
             plan = Plan(size, algo, tasks)
             fit = plan.fit_option(capacity_gb * GB)
             fit = "as configured" if fit == "fits" else fit
-            out.append(
-                f"| {model} | {size.total / 1e9:.2f} B ({size.trainable / 1e9:.2f} B) | {algo} | "
-                f"{_fmt(plan.state_bytes)} | {_fmt(plan.total_bytes)} | {fit} |"
-            )
-    return "\n".join(out)
+            params = f"{size.total / 1e9:.2f} B ({size.trainable / 1e9:.2f} B)"
+            rows.append([model, params, algo, _fmt(plan.state_bytes), _fmt(plan.total_bytes), fit])
+    return table([*head, f"fits {capacity_gb:.0f} GB with"], rows)
 
 
 def main(argv: list[str] | None = None) -> None:
