@@ -15,7 +15,7 @@ evaluation after the first of a task cost only its steps. An environment cannot 
 task's BDDL file builds its own MuJoCo model. The observation is mapped to the training
 data's features by the dataset schema (:mod:`cl_vla.envs.libero_schema`). Episodes run
 ``eval.parallel_envs`` at a time, spread over ``eval.num_workers`` processes; under DDP they are split
-over the ranks (:class:`cl_vla.envs.metaworld_eval.ClosedLoopEvaluator`). ``eval.libero_fast_render`` drops
+over the ranks (:class:`cl_vla.evaluation.closed_loop.ClosedLoopEvaluator`). ``eval.libero_fast_render`` drops
 shadows, reflections and multisampling (2-3x faster steps with software rendering; the images then
 differ slightly from the datasets', so leave it off for numbers you report).
 """
@@ -33,9 +33,9 @@ import numpy as np
 
 from cl_vla.envs.libero_schema import AGENTVIEW, WRIST, schema_for_policy, to_policy_batch
 from cl_vla.envs.libero_setup import LiberoSetupError, check_loaded_assets, prepare_libero
-from cl_vla.envs.metaworld_eval import ClosedLoopEvaluator, check_sim_settings
 from cl_vla.envs.workers import SimWorkers
 from cl_vla.errors import ConfigError, one_of
+from cl_vla.evaluation.closed_loop import ClosedLoopEvaluator, check_sim_settings
 
 log = logging.getLogger("cl_vla")
 

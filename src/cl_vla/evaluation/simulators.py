@@ -24,8 +24,9 @@ def sim_env_name(eval_cfg, suite: str | None) -> str:
 def check_sim_config(cfg) -> None:
     """Early checks of ``eval=sim`` (before recording or training): settings, simulator, task names."""
     from cl_vla.data.cross_sequence import is_cross_dataset
-    from cl_vla.envs.metaworld_eval import check_sim_settings
+    from cl_vla.envs.metaworld import MAX_PATH_LENGTH
     from cl_vla.errors import ConfigError
+    from cl_vla.evaluation.closed_loop import check_sim_settings
 
     if is_cross_dataset(cfg.task_sequence):
         # A cross-dataset task is labelled by a name, a dataset or several instructions, not by the one
@@ -36,7 +37,7 @@ def check_sim_config(cfg) -> None:
         )
     env = sim_env_name(cfg.eval, cfg.task_sequence.suite)
     if env == "metaworld":
-        check_sim_settings(cfg.eval)
+        check_sim_settings(cfg.eval, MAX_PATH_LENGTH, "Meta-World")
         from cl_vla.envs.metaworld import check_task_names
 
         if not cfg.task_sequence.env_tasks:
