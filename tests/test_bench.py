@@ -51,7 +51,7 @@ def test_rows_give_time_ratios_and_bytes_per_stored_sample_without_primitives():
     assert header[-1] == "bytes/stored sample (decoded: 98,662)"
     # er: 0.125 s a step against 0.1 s; no primitives timed, so no limit
     assert cells[0][:3] == ["er", "8.00", "1.250"]
-    assert cells[0][4:] == ["-", "-", "-", "2.2 KiB", "280", "8.0"]
+    assert cells[0][4:] == ["-", "-", "-", "-", "2.2 KiB", "280", "8.0"]
     assert cells[1][:3] == ["sequential", "10.00", "1.000"]
     assert cells[2][:3] == ["ewc", "5.00", "2.000"] and cells[2][-3:] == ["3.0 MiB", "-", "-"]
 
@@ -84,6 +84,7 @@ def test_limit_is_sequential_step_plus_the_extra_work():
     assert by["lwf"][col["extra ms/step"]] == "21.0"
     assert by["lwf"][col["limit"]] == "1.210"
     assert by["lwf"][col["measured / limit"]] == f"{0.125 / 0.121:.3f}"
+    assert by["lwf"][col["within 10 %"]] == "NO" and by["ewc_online"][col["within 10 %"]] == "yes"
     assert by["ewc_online"][col["limit"]] == "1.020"
     # per-task LoRA replaces the step: its extra work is the difference, here a saving
     assert by["lora_per_task"][col["extra ms/step"]] == "-10.0"
