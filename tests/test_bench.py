@@ -202,3 +202,38 @@ def test_primitives_leave_the_given_policy_untouched():
         fn()
     assert "lora_step" not in prims.callables()
     assert all(torch.equal(before[k], v) for k, v in policy.state_dict().items())
+
+
+def test_bench_doc_renders_saved_figures_with_limits_and_loader_ratios(tmp_path):
+    import json
+
+    from cl_vla.benchmarks import doc
+
+    meta = {"date": "2026-12-02", "cores": 2, "threads": 2, "load": [0.3, 0.4], "minutes": 12}
+    prims = {"step": 0.05, "penalty": 0.002, "si_path_integral": 0.003}
+    rows = {
+        "sequential": {
+            "steps_per_s": 10.0,
+            "state_bytes": 0,
+            "stored": 0,
+            "decoded_bytes": 7,
+            "primitives": prims,
+        },
+        "si": {"steps_per_s": 8.0, "state_bytes": 2**21, "stored": 0, "decoded_bytes": 7},
+    }
+    video = [["ours", 2, 300.0], ["ours_replay", 2, 291.0], ["lerobot", 2, 200.0]]
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "tiny_vla.json").write_text(
+        json.dumps({"figures": rows, "meta": meta, "settings": {"steps": 50}})
+    )
+    (results / "video.json").write_text(json.dumps({"figures": video, "meta": meta}))
+    out = tmp_path / "bench.md"
+    doc.main(["--render-only", "--results", str(results), "--out", str(out)])
+    text = out.read_text()
+    assert "quiet" in text and "under load" not in text  # load 0.4 on 2 cores
+    assert "50 steps/task" in text
+    # si: 0.125 s against 0.1 s + 5 ms of penalty and path integral
+    assert "| si | 8.00 | 1.250 | quadratic penalty + path integral | 5.0 | 1.050 | 1.190 | NO |" in text
+    assert "| 2 | 300 | 291 | 200 | 1.50 | 0.97 |" in text
+    assert "## smolvla_tiny" in text and "Not measured yet" in text

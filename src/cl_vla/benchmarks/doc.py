@@ -42,7 +42,7 @@ optimizer steps between consecutive `after_backward` calls, the first fifth of t
 - **time vs sequential**: the algorithm's step time over `sequential`'s, in the same run.
 - **inherent extra work**: what the method itself adds to a step, timed in the same process right
   after the `sequential` run, on the trained policy and real preprocessed batches, with plain torch
-  kernels independent of `cl_vla.algorithms` (`cl_vla.benchmarks.inherent`): the median of 20
+  kernels independent of `cl_vla.algorithms` (`cl_vla.benchmarks.inherent`): the median of
   interleaved rounds. GEM and A-GEM use a memory batch equal to the training batch.
 - **limit**: (`sequential`'s measured step + that extra work) / `sequential`'s step. An algorithm
   cannot be faster than its limit except where the loader, not the main process, bounds a step.
@@ -67,8 +67,13 @@ def _conditions(meta: dict[str, Any]) -> str:
     )
 
 
-def run_section(name: str) -> dict[str, Any]:
-    """Measure one section; returns its figures and the conditions they were measured in."""
+def run_section(
+    name: str, steps: int | None = None, algorithms: str = "all", reps: int = 20
+) -> dict[str, Any]:
+    """Measure one section; returns its figures and the conditions they were measured in.
+
+    ``steps``, ``algorithms`` and ``reps`` shorten the bench sections (a loaded machine, a quick look);
+    what was used is saved with the figures and printed in the document."""
     import torch
     from rich.console import Console
 
@@ -77,9 +82,11 @@ def run_section(name: str) -> dict[str, Any]:
         from cl_vla.bench import BenchArgs, run_bench
         from cl_vla.paths import conf_dir
 
-        args = BenchArgs(**_BENCH[name])
+        settings = {**_BENCH[name], **({"steps": steps} if steps else {}), "reps": reps}
+        args = BenchArgs(**settings)
         known = sorted(q.stem for q in (conf_dir() / "algorithm").glob("*.yaml"))
-        algos = ["sequential", *(a for a in known if a != "sequential")]
+        chosen = known if algorithms == "all" else algorithms.split(",")
+        algos = ["sequential", *(a for a in known if a != "sequential" and a in chosen)]
         figures: Any = run_bench(algos, args, Console())
     else:
         from cl_vla.benchmarks import video_loader
@@ -88,6 +95,7 @@ def run_section(name: str) -> dict[str, Any]:
         figures = [[n, w, r] for (n, w), r in results.items()]
     return {
         "figures": figures,
+        "settings": settings if name in _BENCH else {},
         "meta": {
             "date": dt.date.today().isoformat(),
             "cores": os.cpu_count(),
@@ -111,7 +119,8 @@ def render(saved: dict[str, dict[str, Any]]) -> str:
             parts.append("Not measured yet: `python -m cl_vla.benchmarks.doc --sections " + name + "`.\n")
             continue
         parts.append(f"Measured {_conditions(saved[name]['meta'])}.\n")
-        args = BenchArgs(**_BENCH[name], threads=saved[name]["meta"]["threads"])
+        settings = saved[name].get("settings") or _BENCH[name]
+        args = BenchArgs(**settings, threads=saved[name]["meta"]["threads"])
         for table in bench_tables(saved[name]["figures"], args):
             parts.append(markdown_table(*table))
     parts.append("## The loader on video\n")
@@ -162,6 +171,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--results", type=Path, default=Path("docs/bench_results"))
     p.add_argument("--out", type=Path, default=Path("docs/bench.md"))
     p.add_argument("--render-only", action="store_true", help="rewrite the document from saved figures")
+    p.add_argument("--steps", type=int, help="steps per task of the bench sections (default: theirs)")
+    p.add_argument("--algorithms", default="all", help="comma-separated algorithms of the bench sections")
+    p.add_argument("--reps", type=int, default=20, help="rounds of the inherent-cost timings")
     a = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     sections = [s for s in a.sections.split(",") if s]
@@ -171,7 +183,8 @@ def main(argv: list[str] | None = None) -> None:
     a.results.mkdir(parents=True, exist_ok=True)
     if not a.render_only:
         for name in sections:
-            (a.results / f"{name}.json").write_text(json.dumps(run_section(name), indent=1))
+            figures = run_section(name, a.steps, a.algorithms, a.reps)
+            (a.results / f"{name}.json").write_text(json.dumps(figures, indent=1))
     saved = {
         name: json.loads((a.results / f"{name}.json").read_text())
         for name in SECTIONS
