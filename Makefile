@@ -11,7 +11,7 @@ export WANDB_MODE ?= offline
 export MUJOCO_GL ?= egl
 export PYOPENGL_PLATFORM ?= egl
 
-.PHONY: help install sysdeps run test test-fast lint format bench sweep clean
+.PHONY: help install sysdeps run test test-fast lint format bench bench-doc sweep clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -61,8 +61,11 @@ format: install  ## apply ruff fixes and formatting
 	$(PY) -m ruff check --fix src tests train.py experiments
 	$(PY) -m ruff format src tests train.py experiments
 
-bench: install  ## speed and memory benchmarks (prints figures and ratios)
+bench: install  ## speed and memory benchmarks (prints figures, ratios and limits)
 	$(PY) -m cl_vla.bench $(ARGS)
+
+bench-doc: install  ## regenerate docs/bench.md: every benchmark (~30 min on 2 cores; ARGS="--sections video")
+	$(PY) -m cl_vla.benchmarks.doc $(ARGS)
 
 sweep: install  ## short CPU smoke sweep and its report (make sweep ARGS="seed=0,1,2")
 	bash experiments/smoke_sweep.sh $(ARGS)

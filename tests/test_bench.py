@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from cl_vla import bench
 
@@ -39,14 +40,205 @@ def test_unknown_algorithm_is_one_sentence(capsys):
     assert "unknown algorithm(s) nope; choose from" in err and "er" in err
 
 
-def test_rows_give_ratios_to_sequential_and_bytes_per_stored_sample():
+def test_rows_give_time_ratios_and_bytes_per_stored_sample_without_primitives():
     rows = {
-        "er": {"steps_per_s": 9.0, "state_bytes": 2240, "stored": 280, "decoded_bytes": 98_662},
-        "sequential": {"steps_per_s": 12.0, "state_bytes": 0, "stored": 0, "decoded_bytes": 98_662},
-        "ewc": {"steps_per_s": 6.0, "state_bytes": 3 * 2**20, "stored": 0, "decoded_bytes": 98_662},
+        "er": {"steps_per_s": 8.0, "state_bytes": 2240, "stored": 280, "decoded_bytes": 98_662},
+        "sequential": {"steps_per_s": 10.0, "state_bytes": 0, "stored": 0, "decoded_bytes": 98_662},
+        "ewc": {"steps_per_s": 5.0, "state_bytes": 3 * 2**20, "stored": 0, "decoded_bytes": 98_662},
     }
     header, cells = bench.bench_rows(rows)
+    assert header[:3] == ["algorithm", "steps/s", "time vs sequential"]
     assert header[-1] == "bytes/stored sample (decoded: 98,662)"
-    assert cells[0] == ["er", "9.00", "0.750", "2.2 KiB", "280", "8.0"]
-    assert cells[1] == ["sequential", "12.00", "1.000", "0.0 KiB", "-", "-"]
-    assert cells[2] == ["ewc", "6.00", "0.500", "3.0 MiB", "-", "-"]
+    # er: 0.125 s a step against 0.1 s; no primitives timed, so no limit
+    assert cells[0][:3] == ["er", "8.00", "1.250"]
+    assert cells[0][4:] == ["-", "-", "-", "-", "2.2 KiB", "280", "8.0"]
+    assert cells[1][:3] == ["sequential", "10.00", "1.000"]
+    assert cells[2][:3] == ["ewc", "5.00", "2.000"] and cells[2][-3:] == ["3.0 MiB", "-", "-"]
+
+
+def test_limit_is_sequential_step_plus_the_extra_work():
+    prims = {
+        "step": 0.05,
+        "penalty": 0.002,
+        "teacher_forward": 0.02,
+        "distill_loss": 0.001,
+        "lora_step": 0.04,
+    }
+    rows = {
+        "sequential": {
+            "steps_per_s": 10.0,
+            "state_bytes": 0,
+            "stored": 0,
+            "decoded_bytes": 1,
+            "primitives": prims,
+        },
+        "lwf": {"steps_per_s": 8.0, "state_bytes": 0, "stored": 0, "decoded_bytes": 1},
+        "ewc_online": {"steps_per_s": 10.0, "state_bytes": 0, "stored": 0, "decoded_bytes": 1},
+        "ewc": {"steps_per_s": 5.0, "state_bytes": 0, "stored": 0, "decoded_bytes": 1},
+        "lora_per_task": {"steps_per_s": 10.0, "state_bytes": 0, "stored": 0, "decoded_bytes": 1},
+        "someday": {"steps_per_s": 10.0, "state_bytes": 0, "stored": 0, "decoded_bytes": 1},
+    }
+    header, cells = bench.bench_rows(rows)
+    col = {h: i for i, h in enumerate(header)}
+    by = {c[0]: c for c in cells}
+    # lwf: limit = 0.1 s + 21 ms of teacher forward and distillation = 1.21x; measured 0.125 s
+    assert by["lwf"][col["extra ms/step"]] == "21.0"
+    assert by["lwf"][col["limit"]] == "1.210"
+    assert by["lwf"][col["measured / limit"]] == f"{0.125 / 0.121:.3f}"
+    assert by["lwf"][col["within 10 %"]] == "yes"
+    # ewc: 0.2 s a step against a limit of 0.102 s: flagged
+    assert (
+        by["ewc"][col["measured / limit"]] == f"{0.2 / 0.102:.3f}" and by["ewc"][col["within 10 %"]] == "NO"
+    )
+    assert by["ewc_online"][col["limit"]] == "1.020"
+    # per-task LoRA replaces the step: its extra work is the difference, here a saving
+    assert by["lora_per_task"][col["extra ms/step"]] == "-10.0"
+    assert by["lora_per_task"][col["limit"]] == "0.900"
+    # an algorithm the bench knows no primitives for gets no limit, not a made-up one
+    assert by["someday"][col["limit"]] == "-" and by["someday"][col["inherent extra work"]] == "-"
+
+
+def test_extra_seconds_adds_and_subtracts_primitives():
+    from cl_vla.benchmarks.inherent import extra_seconds
+
+    medians = {"step": 1.0, "lora_step": 0.75, "penalty": 0.5, "si_path_integral": 0.25}
+    assert extra_seconds("si", medians) == 0.75
+    assert extra_seconds("lora_per_task", medians) == -0.25
+    assert extra_seconds("sequential", medians) == 0.0
+    assert extra_seconds("lwf", medians) is None  # its teacher was not timed
+    assert extra_seconds("nope", medians) is None
+
+
+def test_interleaved_timing_calls_every_primitive_each_round():
+    from cl_vla.benchmarks.inherent import time_interleaved
+
+    calls: list[str] = []
+    medians = time_interleaved(
+        {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, reps=3, warmup=1
+    )
+    assert calls == ["a", "b"] * 4
+    assert set(medians) == {"a", "b"} and all(v >= 0 for v in medians.values())
+
+
+def test_bench_overrides_give_memory_methods_the_training_batch():
+    args = bench.BenchArgs(steps=10, batch=16)
+    assert "algorithm.memory_batch_size=16" in bench._overrides("agem", args)
+    assert "algorithm.memory_batch_size=16" in bench._overrides("gem", args)
+    assert not any("memory_batch" in o for o in bench._overrides("er", args))
+    args = bench.BenchArgs(steps=10, batch=16, memory_batch=256, overrides=["seed=3"])
+    assert bench._overrides("agem", args)[-2:] == ["algorithm.memory_batch_size=256", "seed=3"]
+
+
+class _ToyPolicy(torch.nn.Module):
+    """The policy interface the primitives use: ``forward(batch) -> (loss, info)``, ``compute_outputs``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 3)
+
+    def compute_outputs(self, batch: dict) -> dict:
+        return {"action_pred": self.lin(batch["x"]).unsqueeze(1)}
+
+    def forward(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        return (self.compute_outputs(batch)["action_pred"] - batch["action"]).square().mean(), {}
+
+
+def _toy_primitives(**kwargs):
+    from cl_vla.algorithms.lora import PerTaskLoRA
+    from cl_vla.benchmarks.inherent import Primitives
+
+    gen = torch.Generator().manual_seed(0)
+
+    def batch_of(n: int) -> dict:
+        return {"x": torch.randn(n, 4, generator=gen), "action": torch.randn(n, 1, 3, generator=gen)}
+
+    if kwargs.pop("with_lora", False):
+        kwargs["lora"] = PerTaskLoRA(target_modules=["lin"]).settings
+    return Primitives(_ToyPolicy(), batch_of, batch_size=8, memory_batch=6, candidates=10, k=3, **kwargs)
+
+
+def test_primitives_do_the_work_they_stand_for():
+    prims = _toy_primitives()
+    assert len(prims.batch["x"]) == 8 and len(prims.memory["x"]) == 6 and len(prims.candidates["x"]) == 10
+    # every primitive runs, the teacher included
+    assert set(prims.callables()) >= {"step", "teacher_forward", "projection", "packnet_masks"}
+    for fn in prims.callables().values():
+        fn()
+    # the penalty's backward adds 2 w (theta - theta*) to the gradient
+    p, g0 = prims.params[0], prims.params[0].grad.clone()
+    prims.anchors[0].sub_(1.0)  # theta - theta* = 1 everywhere
+    prims.penalty()
+    assert torch.allclose(p.grad, g0 + 2 * prims.weights[0])
+    # the projection leaves a gradient that no longer conflicts with the reference gradient
+    prims.memory_fwd_bwd()
+    for q in prims.params:
+        q.grad.copy_(-q.grad)  # any gradient will do; this one is certainly not aligned
+    prims.projection()
+    g = torch.cat([q.grad.reshape(-1) for q in prims.params])
+    assert float(torch.dot(g, prims._g_ref)) == pytest.approx(0.0, abs=1e-5)
+    # PackNet's masks zero the gradients of frozen elements
+    prims.packnet_masks()
+    assert bool((prims.params[0].grad[prims.free[0] == 0] == 0).all())
+
+
+@pytest.mark.slow  # imports peft (about 10 s of CPU)
+def test_lora_primitive_trains_only_the_new_adapter():
+    prims = _toy_primitives(with_lora=True)
+    prims.callables()["lora_step"]()
+    model, _, params = prims.lora
+    names = {n for n, q in model.named_parameters() if q.requires_grad}
+    assert names and all("lora_" in n and "task_1" in n for n in names) and len(params) == len(names)
+
+
+def test_primitives_leave_the_given_policy_untouched():
+    from cl_vla.benchmarks.inherent import Primitives
+
+    policy = _ToyPolicy()
+    before = {k: v.clone() for k, v in policy.state_dict().items()}
+    prims = Primitives(
+        policy,
+        lambda n: {"x": torch.randn(n, 4), "action": torch.randn(n, 1, 3)},
+        batch_size=4,
+        memory_batch=4,
+        candidates=4,
+        k=2,
+    )
+    for fn in prims.callables().values():
+        fn()
+    assert "lora_step" not in prims.callables()
+    assert all(torch.equal(before[k], v) for k, v in policy.state_dict().items())
+
+
+def test_bench_doc_renders_saved_figures_with_limits_and_loader_ratios(tmp_path):
+    import json
+
+    from cl_vla.benchmarks import doc
+
+    meta = {"date": "2026-12-02", "cores": 2, "threads": 2, "load": [0.3, 0.4], "minutes": 12}
+    prims = {"step": 0.05, "penalty": 0.002, "si_path_integral": 0.003}
+    rows = {
+        "sequential": {
+            "steps_per_s": 10.0,
+            "state_bytes": 0,
+            "stored": 0,
+            "decoded_bytes": 7,
+            "primitives": prims,
+        },
+        "si": {"steps_per_s": 8.0, "state_bytes": 2**21, "stored": 0, "decoded_bytes": 7},
+    }
+    video = [["ours", 2, 300.0], ["ours_replay", 2, 291.0], ["lerobot", 2, 200.0]]
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "tiny_vla.json").write_text(
+        json.dumps({"figures": rows, "meta": meta, "settings": {"steps": 50}})
+    )
+    (results / "video.json").write_text(json.dumps({"figures": video, "meta": meta}))
+    out = tmp_path / "bench.md"
+    doc.main(["--render-only", "--results", str(results), "--out", str(out)])
+    text = out.read_text()
+    assert "quiet" in text and "under load" not in text  # load 0.4 on 2 cores
+    assert "50 steps/task" in text
+    # si: 0.125 s against 0.1 s + 5 ms of penalty and path integral
+    assert "| si | 8.00 | 1.250 | quadratic penalty + path integral | 5.0 | 1.050 | 1.190 | NO |" in text
+    assert "| 2 | 300 | 291 | 200 | 1.50 | 0.97 |" in text
+    assert "## smolvla_tiny" in text and "Not measured yet" in text

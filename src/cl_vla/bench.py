@@ -3,9 +3,11 @@
 Trains the same model (``--model``, tiny_vla by default) on the same synthetic LIBERO-schema data
 (two 64x64 cameras) through a two-task sequence with each algorithm (every ``conf/algorithm`` choice by
 default) and prints, for the second task (where every algorithm is active): steady-state training
-steps/s, its ratio to ``sequential``, the algorithm's extra memory (its checkpointed state), and for
-replay methods the bytes per stored sample next to the bytes of one decoded sample (what a buffer of
-frames would hold).
+steps/s, the step time relative to ``sequential``, the *limit* of that ratio (``sequential``'s step
+plus the inherent cost of the algorithm's extra work, timed in the same process right after the
+``sequential`` run: :mod:`cl_vla.benchmarks.inherent`), measured / limit (near 1: the implementation
+adds nothing beyond its method's work), the algorithm's extra memory (its checkpointed state), and for
+replay methods the bytes per stored sample next to the bytes of one decoded sample.
 
 Steady state: steps are timed between consecutive ``after_backward`` calls (a whole optimizer step,
 the algorithm's gradient edits included), skipping the first ones of the task, so the start-up of a
@@ -15,15 +17,24 @@ the algorithm's gradient edits included), skipping the first ones of the task, s
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from rich.console import Console
 from rich.table import Table
+
+# Algorithms with a memory batch: the bench gives them the training batch size (one more
+# forward/backward at equal batch), unless --memory-batch says otherwise.
+_MEMORY_BATCH_ALGOS = ("agem", "gem")
+#: measured / limit above this flags an implementation that costs more than its method's work.
+WITHIN = 1.10
 
 
 def _decoded_bytes(dataset) -> int:
@@ -31,8 +42,9 @@ def _decoded_bytes(dataset) -> int:
     return sum(v.numel() * v.element_size() for v in item.values() if isinstance(v, torch.Tensor))
 
 
-def _stamp_steps(stamps: list[float]):
-    """An ``algorithm_hook`` that records the time of every ``after_backward`` call."""
+def _stamp_steps(stamps: list[float], seen: dict[str, Any] | None = None):
+    """An ``algorithm_hook`` that records the time of every ``after_backward`` call; with ``seen``, it
+    also keeps the module the algorithm is set up with (``seen["module"]``)."""
 
     def hook(algorithm) -> None:
         inner = algorithm.after_backward
@@ -42,6 +54,14 @@ def _stamp_steps(stamps: list[float]):
             return inner(*args, **kwargs)
 
         algorithm.after_backward = after_backward
+        if seen is not None:
+            setup = algorithm.setup
+
+            def keep_module(module, *args, **kwargs):
+                seen["module"] = module
+                return setup(module, *args, **kwargs)
+
+            algorithm.setup = keep_module
 
     return hook
 
@@ -55,99 +75,213 @@ def steady_steps_per_s(stamps: list[float], steps: int) -> float:
     return (len(last) - skip - 1) / (last[-1] - last[skip])
 
 
-def run_one(algo: str, steps: int, batch: int, workers: int, out: Path, extra: list[str]) -> dict:
+@dataclass
+class BenchArgs:
+    steps: int = 100
+    batch: int = 32
+    workers: int = 2
+    model: str = "tiny_vla"
+    memory_batch: int | None = None  # None: the training batch
+    reps: int = 20  # rounds of the primitive timings
+    threads: int | None = None  # torch threads the figures were measured with (None: this process's)
+    overrides: list[str] = field(default_factory=list)
+
+
+def _overrides(algo: str, args: BenchArgs) -> list[str]:
     from cl_vla.data.task_sequences import get_task_sequence
-    from cl_vla.training.in_process import run_in_process, sequence_overrides
+    from cl_vla.training.in_process import sequence_overrides
 
     tasks = list(get_task_sequence("libero_spatial").tasks[:2])
-    overrides = [
+    out = [
         f"algorithm={algo}",
         *sequence_overrides("bench2", tasks),
-        f"continual_learning.steps_per_task={steps}",
-        f"data.batch_size={batch}",
-        f"data.num_workers={workers}",
+        f"continual_learning.steps_per_task={args.steps}",
+        f"data.batch_size={args.batch}",
+        f"data.num_workers={args.workers}",
         "eval.max_batches=1",
         "logger=none",
         "trainer.progress_bar=false",
-        *extra,
+        f"model={args.model}",
     ]
+    if algo in _MEMORY_BATCH_ALGOS:
+        out.append(f"algorithm.memory_batch_size={args.memory_batch or args.batch}")
+    return [*out, *args.overrides]
+
+
+def run_one(algo: str, args: BenchArgs, out: Path, primitives: bool = False) -> dict:
+    """Train ``algo`` through the two tasks; with ``primitives``, then time the inherent primitives
+    on the trained policy (``row["primitives"]``: name -> median seconds)."""
+    from cl_vla.training.in_process import run_in_process
+
     stamps: list[float] = []
-    res, algorithm, data = run_in_process(overrides, out / algo, algorithm_hook=_stamp_steps(stamps))
+    seen: dict[str, Any] = {}
+    res, algorithm, data = run_in_process(
+        _overrides(algo, args), out / algo, algorithm_hook=_stamp_steps(stamps, seen)
+    )
     stored = len(algorithm) if hasattr(algorithm, "__len__") else 0
-    return {
-        "steps_per_s": steady_steps_per_s(stamps, steps),
+    row = {
+        "steps_per_s": steady_steps_per_s(stamps, args.steps),
         "state_bytes": res["extra"]["algorithm_state_bytes"],
         "stored": stored,
         "decoded_bytes": _decoded_bytes(data.train_dataset(0)),
     }
+    if primitives and "module" in seen:
+        row["primitives"] = time_primitives(seen["module"], data, args)
+    return row
 
 
-def main(argv: list[str] | None = None) -> None:
+def time_primitives(module: Any, data: Any, args: BenchArgs) -> dict[str, float]:
+    """Median seconds of every primitive of :mod:`cl_vla.benchmarks.inherent` on ``module``'s policy."""
+    import numpy as np
+    from torch.utils.data import default_collate
+
+    from cl_vla.algorithms.lora import PerTaskLoRA
+    from cl_vla.benchmarks.inherent import Primitives, measure_primitives
+
+    train = data.train_dataset(0)
+
+    def batch_of(n: int) -> dict:
+        positions = np.linspace(0, len(train) - 1, n).round().astype(int)
+        return module.preprocessor(dict(default_collate([train[int(i)] for i in positions])))
+
+    trainer = getattr(module, "_trainer", None)
+    clip = getattr(trainer, "gradient_clip_val", None) if trainer is not None else None
+    prims = Primitives(
+        module.policy,
+        batch_of,
+        batch_size=args.batch,
+        memory_batch=args.memory_batch or args.batch,
+        replayed=math.floor(0.5 * args.batch),  # DER++'s replay_batch_ratio
+        grad_clip=float(clip) if clip else None,
+        lora=PerTaskLoRA().settings,
+    )
+    return measure_primitives(prims, reps=args.reps)
+
+
+def run_bench(algos: list[str], args: BenchArgs, console: Console) -> dict[str, dict]:
+    """Every algorithm's row; the primitives are timed after ``sequential``'s run."""
+    rows: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="cl_vla_bench_") as tmp:
+        for algo in algos:
+            console.print(f"[bold]bench[/]: {algo} ({args.steps} steps/task, batch {args.batch})")
+            rows[algo] = run_one(algo, args, Path(tmp), primitives=algo == "sequential")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> dict[str, dict]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=100, help="training steps per task")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--algorithms", default="all", help="comma-separated conf/algorithm choices, or 'all'")
     p.add_argument("--model", default="tiny_vla", help="a conf/model choice, e.g. smolvla_tiny")
-    p.add_argument("--markdown", type=Path, help="also write the table as Markdown to this file")
+    p.add_argument("--memory-batch", type=int, help="GEM / A-GEM memory batch (default: --batch)")
+    p.add_argument("--reps", type=int, default=20, help="rounds of the inherent-cost timings")
+    p.add_argument("--markdown", type=Path, help="also write the tables as Markdown to this file")
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides")
-    args = p.parse_args(argv)
+    a = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from cl_vla.paths import conf_dir
 
     known = sorted(q.stem for q in (conf_dir() / "algorithm").glob("*.yaml"))
     algos = (
-        ["sequential", *(a for a in known if a != "sequential")]
-        if args.algorithms == "all"
-        else args.algorithms.split(",")
+        ["sequential", *(x for x in known if x != "sequential")]
+        if a.algorithms == "all"
+        else a.algorithms.split(",")
     )
-    unknown = [a for a in algos if a not in known]
+    unknown = [x for x in algos if x not in known]
     if unknown:
         p.error(f"unknown algorithm(s) {', '.join(unknown)}; choose from {', '.join(known)} or 'all'.")
+    if "sequential" in algos:  # its run yields the trained policy the primitives are timed on
+        algos = ["sequential", *(x for x in algos if x != "sequential")]
+    args = BenchArgs(a.steps, a.batch, a.workers, a.model, a.memory_batch, a.reps, list(a.overrides))
     # Logs and CI have no terminal width; keep the table on one line per algorithm there.
-    console = Console(width=None if sys.stdout.isatty() else 140)
-    rows = {}
-    with tempfile.TemporaryDirectory(prefix="cl_vla_bench_") as tmp:
-        for algo in algos:
-            console.print(f"[bold]bench[/]: {algo} ({args.steps} steps/task, batch {args.batch})")
-            extra = [f"model={args.model}", *args.overrides]
-            rows[algo] = run_one(algo, args.steps, args.batch, args.workers, Path(tmp), extra)
-    threads = torch.get_num_threads()
-    title = f"task-2 steady-state training speed, {args.model}, batch {args.batch}, {threads} threads"
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    rows = run_bench(algos, args, console)
+    tables = bench_tables(rows, args)
+    for title, header, cells in tables:
+        t = Table(title=title)
+        for c in header:
+            t.add_column(c, justify="right")
+        for row in cells:
+            t.add_row(*row)
+        console.print(t)
+    if a.markdown is not None:
+        a.markdown.write_text("\n".join(markdown_table(*tbl) for tbl in tables))
+    return rows
+
+
+def title_of(args: BenchArgs) -> str:
+    threads = args.threads or torch.get_num_threads()
+    return (
+        f"task-2 steady-state training speed, {args.model}, batch {args.batch}, {args.workers} workers, "
+        f"{threads} threads, {args.steps} steps/task"
+    )
+
+
+def bench_tables(rows: dict[str, dict], args: BenchArgs) -> list[tuple[str, list[str], list[list[str]]]]:
+    """The speed table (with limits when ``sequential`` ran) and the primitives' table, if timed."""
     header, cells = bench_rows(rows)
-    t = Table(title=title)
-    for c in header:
-        t.add_column(c, justify="right")
-    for row in cells:
-        t.add_row(*row)
-    console.print(t)
-    if args.markdown is not None:
-        lines = [f"{title}, {args.steps} steps/task", "", "| " + " | ".join(header) + " |"]
-        lines.append("|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|")
-        lines += ["| " + " | ".join(row) + " |" for row in cells]
-        args.markdown.write_text("\n".join(lines) + "\n")
+    tables = [(title_of(args), header, cells)]
+    prims = rows.get("sequential", {}).get("primitives")
+    if prims:
+        tables.append(
+            (
+                f"inherent primitives, median of {args.reps} interleaved rounds "
+                f"(memory batch {args.memory_batch or args.batch})",
+                ["primitive", "ms", "x compute step"],
+                [[k, f"{v * 1e3:.2f}", f"{v / prims['step']:.3f}"] for k, v in prims.items()],
+            )
+        )
+    return tables
+
+
+def markdown_table(title: str, header: list[str], cells: list[list[str]]) -> str:
+    """A titled table: the first column names the row, the others are right-aligned figures."""
+    from cl_vla.results.tables import markdown_table as table
+
+    return f"{title}\n\n{table(header, cells, right=range(1, len(header)))}\n"
 
 
 def bench_rows(rows: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
-    """The table's header and cells: speeds as ratios to ``sequential`` (else the first algorithm)."""
-    base = rows.get("sequential", next(iter(rows.values())))["steps_per_s"]
+    """The speed table: times relative to ``sequential`` (else the first algorithm), and each
+    algorithm's limit (``sequential``'s step + its inherent extra work) when the primitives were timed."""
+    from cl_vla.benchmarks.inherent import EXTRA_WORK, extra_seconds
+
+    base_row = rows.get("sequential", next(iter(rows.values())))
+    base = 1.0 / base_row["steps_per_s"]
+    prims = base_row.get("primitives")
     decoded = next(iter(rows.values()))["decoded_bytes"]
     header = [
         "algorithm",
         "steps/s",
-        "ratio to sequential",
+        "time vs sequential",
+        "inherent extra work",
+        "extra ms/step",
+        "limit",
+        "measured / limit",
+        "within 10 %",
         "extra memory",
         "stored samples",
         f"bytes/stored sample (decoded: {decoded:,})",
     ]
     cells = []
     for algo, r in rows.items():
+        t = 1.0 / r["steps_per_s"]
+        extra = extra_seconds(algo, prims) if prims else None
+        limit = None if extra is None else base + extra
         per = r["state_bytes"] / r["stored"] if r["stored"] else None
+        work = EXTRA_WORK.get(algo)
         cells.append(
             [
                 algo,
                 f"{r['steps_per_s']:.2f}",
-                f"{r['steps_per_s'] / base:.3f}",
+                f"{t / base:.3f}",
+                work.what if work else "-",
+                "-" if extra is None else f"{extra * 1e3:.1f}",
+                "-" if limit is None else f"{limit / base:.3f}",
+                "-" if limit is None else f"{t / limit:.3f}",
+                "-" if limit is None else ("yes" if t / limit <= WITHIN else "NO"),
                 _size(r["state_bytes"]),
                 str(r["stored"]) if r["stored"] else "-",
                 f"{per:.1f}" if per else "-",

@@ -1,0 +1,1 @@
+"""Benchmark helpers behind ``make bench`` / ``make bench-doc`` (not imported by training)."""
