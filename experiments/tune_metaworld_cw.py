@@ -88,7 +88,14 @@ def pending(algo: str, sweep: Path) -> list[dict[str, str]]:
     return todo
 
 
-def launch(python: str, algo: str, todo: list[dict[str, str]], sweep: Path, extra: list[str]) -> None:
+def launch(
+    python: str,
+    algo: str,
+    todo: list[dict[str, str]],
+    sweep: Path,
+    extra: list[str],
+    experiment: str = EXPERIMENT,
+) -> None:
     keys = list(GRID[algo])
     # One multirun over the pending values of each key (the full grid when nothing ran yet). choice(...)
     # keeps a key swept even with one value left, so every launch into the directory is the same sweep.
@@ -97,7 +104,7 @@ def launch(python: str, algo: str, todo: list[dict[str, str]], sweep: Path, extr
         python,
         str(REPO / "train.py"),
         "-m",
-        f"experiment={EXPERIMENT}",
+        f"experiment={experiment}",
         f"experiment.name={NAME}",
         f"algorithm={algo}",
         *swept,
@@ -159,6 +166,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--algorithms", default=",".join(GRID))
     p.add_argument("--out", type=Path, default=REPO / "multirun" / NAME)
+    p.add_argument(
+        "--experiment", default=EXPERIMENT, help="the validation recipe (another one only to try it)"
+    )
     p.add_argument("--summary-only", action="store_true", help="run nothing; summarize what finished")
     p.add_argument(
         "--apply", action="store_true", help="write the chosen values into conf/algorithm_settings"
@@ -180,7 +190,7 @@ def main() -> None:
         for algo in algos:
             todo = pending(algo, out / algo)
             if todo:
-                launch(python, algo, todo, out / algo, args.overrides)
+                launch(python, algo, todo, out / algo, args.overrides, args.experiment)
     lines = ["| algorithm | value(s) | val ACC ↑ | val BWT ↑ | chosen |", "|---|---|---:|---:|---|"]
     for algo in algos:
         rows = results(algo, out / algo)
