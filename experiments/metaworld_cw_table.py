@@ -1,0 +1,249 @@
+"""The headline table: every algorithm x 3 seeds on the discriminating Meta-World sequence (mw_cw5,
+`experiment=metaworld_cw`, tuned settings from conf/tuned/metaworld_cw/), final success (ACC), BWT,
+FWT and forgetting as mean ± std over seeds, and its plot. One command, resumable:
+
+    .venv/bin/python experiments/metaworld_cw_table.py                 # run what is missing, then the table
+    .venv/bin/python experiments/metaworld_cw_table.py --table-only    # the table of whatever finished
+
+Runs are long (about 10-15 min each on 2 CPU cores), so the command is meant to be run again and again:
+a run with results.json is skipped, a run that was interrupted (it has run.json) is continued from its
+last checkpoint with `resume=<its dir>`, a run never started is started. One run at a time (it uses one
+torch thread and `eval.num_workers` simulator processes). Every run goes to
+`<out>/<NN>_algorithm=<a>,seed=<s>/`, so `python -m cl_vla.report <out>` reads the directory as one
+sweep (the script writes its sweep.json), and every run is in one W&B group
+(`experiment.group=metaworld_cw_table/<out dir name>`, tag `metaworld_cw_table`).
+
+`--order seed` (default) runs seed 0 of every algorithm first, then seed 1, then seed 2, so a partial
+table has every algorithm; `--order algorithm` finishes an algorithm's seeds before the next one.
+Extra arguments after `--` are Hydra overrides for every run (e.g. `-- trainer=gpu`); they are part of
+the sweep's identity, so keep them the same across invocations on one directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+ALGORITHMS = (
+    "sequential",
+    "er",
+    "derpp",
+    "mir",
+    "agem",
+    "gem",
+    "ewc",
+    "ewc_online",
+    "si",
+    "lwf",
+    "packnet",
+    "lora_per_task",
+    "multitask",
+)
+METRICS = ("acc", "bwt", "fwt", "forgetting")
+LABELS = {"acc": "ACC ↑", "bwt": "BWT ↑", "fwt": "FWT ↑", "forgetting": "Forgetting ↓"}
+EXPERIMENT = "metaworld_cw"
+NAME = "metaworld_cw_table"
+TIMES = "times.jsonl"
+
+
+def job_name(index: int, algo: str, seed: int) -> str:
+    return f"{index:02d}_algorithm={algo},seed={seed}"
+
+
+def jobs(algorithms: list[str], seeds: list[int], order: str) -> list[tuple[int, str, int]]:
+    """``(index, algorithm, seed)``; the index is fixed by ALGORITHMS x seeds, whatever the order."""
+    index = {(a, s): i for i, (a, s) in enumerate((a, s) for a in ALGORITHMS for s in range(3))}
+    pairs = (
+        [(a, s) for s in seeds for a in algorithms]
+        if order == "seed"
+        else [(a, s) for a in algorithms for s in seeds]
+    )
+    return [(index.get((a, s), 100 + i), a, s) for i, (a, s) in enumerate(pairs)]
+
+
+def base_overrides(out: Path, extra: list[str], experiment: str = EXPERIMENT) -> list[str]:
+    return [
+        f"experiment={experiment}",
+        f"experiment.name={NAME}",
+        f"experiment.group={NAME}/{out.name}",
+        f"logger.wandb.tags=[{NAME}]",
+        "trainer.progress_bar=false",
+        *extra,
+    ]
+
+
+def claim_sweep(out: Path, base: list[str]) -> None:
+    """Write ``sweep.json`` so ``cl_vla.report`` and a second invocation see one sweep (algorithm x seed)."""
+    sys.path.insert(0, str(REPO / "src"))
+    from cl_vla.sweep import IGNORED_KEYS, SweepError, SweepSpec, claim, job_overrides
+
+    ov = job_overrides(base)
+    spec = SweepSpec(
+        "config",
+        tuple(sorted(f"{k}={v}" for k, v in ov.items() if k not in IGNORED_KEYS)),
+        ("algorithm", "seed"),
+    )
+    try:
+        claim(out, spec)
+    except SweepError as exc:
+        sys.exit(f"error: {exc}")
+
+
+def run_one(python: str, out: Path, index: int, algo: str, seed: int, base: list[str]) -> None:
+    run_dir = out / job_name(index, algo, seed)
+    if (run_dir / "results.json").is_file():
+        return
+    args = [*base, f"algorithm={algo}", f"seed={seed}", f"hydra.run.dir='{run_dir}'"]
+    if (run_dir / "run.json").is_file():  # started before: continue it from its last checkpoint
+        args.append(f"resume='{run_dir}'")
+    (out / ".logs").mkdir(parents=True, exist_ok=True)
+    log = out / ".logs" / f"{run_dir.name}.log"
+    print(
+        f"{time.strftime('%H:%M:%S')} {run_dir.name}{' (resumed)' if 'resume=' in args[-1] else ''}",
+        flush=True,
+    )
+    tic = time.time()
+    with open(log, "a", encoding="utf-8") as f:
+        rc = subprocess.call(
+            [python, str(REPO / "train.py"), *args], cwd=REPO, stdout=f, stderr=subprocess.STDOUT
+        )
+    seconds = time.time() - tic
+    with open(out / TIMES, "a", encoding="utf-8") as f:
+        f.write(
+            json.dumps(
+                {
+                    "run": run_dir.name,
+                    "rc": rc,
+                    "seconds": round(seconds, 1),
+                    "resumed": "resume=" in args[-1],
+                    "end": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                }
+            )
+            + "\n"
+        )
+    print(f"  rc={rc} {seconds / 60:.1f} min", flush=True)
+
+
+# ------------------------------------------------------------------------------------------ the table
+
+
+def collect(out: Path) -> dict[str, list[tuple[int, dict]]]:
+    """``{algorithm: [(seed, metrics), ...]}`` of the finished runs (results.json with every task)."""
+    found: dict[str, list[tuple[int, dict]]] = {}
+    for d in sorted(out.glob("*_algorithm=*,seed=*")):
+        res = d / "results.json"
+        if not res.is_file():
+            continue
+        r = json.loads(res.read_text())
+        m = r["metrics"]
+        if m.get("tasks_learned", m.get("num_tasks")) != m.get("num_tasks"):
+            continue
+        algo = d.name.split("algorithm=")[1].split(",")[0]
+        seed = int(d.name.split("seed=")[1])
+        found.setdefault(algo, []).append((seed, {**m, "matrix": r["matrix"]}))
+    return found
+
+
+def wall_time(out: Path) -> tuple[float, int]:
+    """Total wall seconds of the recorded attempts and their number."""
+    path = out / TIMES
+    if not path.is_file():
+        return 0.0, 0
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return sum(r["seconds"] for r in rows), len(rows)
+
+
+def _cell(vals: list[float]) -> str:
+    if not vals:
+        return "n/a"
+    if len(vals) == 1:
+        return f"{vals[0]:.3f}"
+    return f"{np.mean(vals):.3f} ± {np.std(vals, ddof=1):.3f}"
+
+
+def table(found: dict[str, list[tuple[int, dict]]]) -> str:
+    head = "| algorithm | seeds | " + " | ".join(LABELS[m] for m in METRICS) + " |"
+    lines = [head, "|---|---|" + "---:|" * len(METRICS)]
+    for algo in ALGORITHMS:
+        runs = sorted(found.get(algo, []), key=lambda x: x[0])
+        seeds = ", ".join(str(s) for s, _ in runs) or "none yet"
+        cells = [_cell([m[k] for _, m in runs if m.get(k) is not None]) for k in METRICS]
+        lines.append(f"| {algo} | {seeds} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(found: dict[str, list[tuple[int, dict]]], path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    algos = [a for a in ALGORITHMS if found.get(a)]
+    fig = Figure(figsize=(12, 6.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(2, 2)
+    x = np.arange(len(algos))
+    for ax, metric in zip(axes.flat, METRICS, strict=True):
+        for i, a in enumerate(algos):
+            vals = [m[metric] for _, m in found[a] if m.get(metric) is not None]
+            if not vals:
+                continue
+            std = np.std(vals, ddof=1) if len(vals) > 1 else 0.0
+            ax.bar(i, np.mean(vals), yerr=std, color="tab:blue", alpha=0.5, capsize=3)
+            ax.plot([i] * len(vals), vals, "k.", ms=4)
+        ax.set_xticks(x, algos, rotation=45, ha="right", fontsize=8)
+        ax.set_title(f"{LABELS[metric]} (bar: mean, error bar: std over seeds, dots: seeds)", fontsize=9)
+        ax.axhline(0, color="grey", lw=0.5)
+    fig.suptitle("Meta-World mw_cw5 (5 tasks), tiny_vla, closed-loop success")
+    fig.savefig(path, dpi=90)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=REPO / "multirun" / NAME / "main")
+    p.add_argument("--algorithms", default=",".join(ALGORITHMS))
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--order", choices=("seed", "algorithm"), default="seed")
+    p.add_argument("--experiment", default=EXPERIMENT, help="the recipe (another one only to try the script)")
+    p.add_argument("--table-only", action="store_true", help="only print/write the table of finished runs")
+    p.add_argument("--markdown", type=Path, default=None, help="also write the table to this file")
+    p.add_argument("--plot", type=Path, default=None, help="the plot (default: <out>/table.png)")
+    p.add_argument("overrides", nargs="*", help="Hydra overrides for every run (after --)")
+    args = p.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("WANDB_MODE", "offline")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    out = args.out.resolve()
+    python = os.environ.get("PYTHON") or (
+        str(REPO / ".venv" / "bin" / "python")
+        if (REPO / ".venv" / "bin" / "python").exists()
+        else sys.executable
+    )
+    if not args.table_only:
+        out.mkdir(parents=True, exist_ok=True)
+        base = base_overrides(out, args.overrides, args.experiment)
+        claim_sweep(out, base)
+        for index, algo, seed in jobs(args.algorithms.split(","), args.seeds, args.order):
+            run_one(python, out, index, algo, seed, base)
+    found = collect(out)
+    seconds, attempts = wall_time(out)
+    n = sum(len(v) for v in found.values())
+    text = (
+        f"{n} finished runs in `{out}`; {attempts} run attempts took {seconds / 3600:.2f} h of wall time\n\n"
+        + table(found)
+    )
+    print(text)
+    if args.markdown:
+        args.markdown.write_text(text + "\n", encoding="utf-8")
+    if found:
+        plot(found, args.plot or out / "table.png")
+
+
+if __name__ == "__main__":
+    main()
