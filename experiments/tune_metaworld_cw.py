@@ -5,7 +5,7 @@ shares no task order with the test sequence, then freeze the values for the test
 
 For each algorithm, one Hydra multirun (`train.py -m`) over a small grid of its main knob(s) (GRID below:
 2-3 values, the paper default first) on `experiment=metaworld_cw_val` (mw_cw_val: 3 tasks, seed 0), into
-`multirun/tune_metaworld_cw/<algorithm>/`, then its report (`python -m cl_vla.report`). Selection rule,
+`multirun/tune_metaworld_cw/<algorithm>/`, then its report (`python -m cl_vla.results.sweep_report`). Selection rule,
 fixed before looking: the highest validation ACC (final mean success over the 3 tasks); a tie (equal
 ACC) goes to the higher BWT, then to the value listed first (the paper's default). `--apply` writes the
 chosen values into conf/algorithm_settings/metaworld_cw/<algorithm>.yaml, which `experiment=metaworld_cw`
@@ -59,7 +59,7 @@ def read_points(sweep: Path) -> dict[tuple[tuple[str, str], ...], Path]:
     sys.path.insert(0, str(REPO / "src"))
     from omegaconf import OmegaConf
 
-    from cl_vla.sweep import job_overrides
+    from cl_vla.tracking.sweep import job_overrides
 
     found = {}
     for d in sorted(p for p in sweep.glob("*") if p.is_dir() and not p.name.startswith((".", "report"))):
@@ -120,7 +120,7 @@ def launch(
         subprocess.call(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
         f.write(f"# {algo}: {len(todo)} runs in {time.time() - tic:.0f} s\n")
     subprocess.call(
-        [python, "-m", "cl_vla.report", str(sweep), "--metric", "acc", "bwt", "forgetting"],
+        [python, "-m", "cl_vla.results.sweep_report", str(sweep), "--metric", "acc", "bwt", "forgetting"],
         cwd=REPO,
         stdout=subprocess.DEVNULL,
     )
