@@ -9,8 +9,8 @@ Runs are long (about 10-15 min each on 2 CPU cores), so the command is meant to 
 a run with results.json is skipped, a run that was interrupted (it has run.json) is continued from its
 last checkpoint with `resume=<its dir>`, a run never started is started. One run at a time (it uses one
 torch thread and `eval.num_workers` simulator processes). Every run goes to
-`<out>/<NN>_algorithm=<a>,seed=<s>/`, so `python -m cl_vla.results.sweep_report <out>` reads the directory as one
-sweep (the script writes its sweep.json), and every run is in one W&B group
+`<out>/<NN>_algorithm=<a>,seed=<s>/`, so `python -m cl_vla.results.sweep_report <out>` reads the
+directory as one sweep (the script writes its sweep.json), and every run is in one W&B group
 (`experiment.group=metaworld_cw_table/<out dir name>`, tag `metaworld_cw_table`).
 
 `--order seed` (default) runs seed 0 of every algorithm first, then seed 1, then seed 2, so a partial
@@ -81,7 +81,7 @@ def base_overrides(out: Path, extra: list[str], experiment: str = EXPERIMENT) ->
 
 
 def claim_sweep(out: Path, base: list[str]) -> None:
-    """Write ``sweep.json`` so ``cl_vla.results.sweep_report`` and a second invocation see one sweep (algorithm x seed)."""
+    """Write ``sweep.json`` so the sweep report and a second invocation see one sweep (algorithm x seed)."""
     sys.path.insert(0, str(REPO / "src"))
     from cl_vla.tracking.sweep import IGNORED_KEYS, SweepError, SweepSpec, claim, job_overrides
 

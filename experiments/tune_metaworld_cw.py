@@ -5,7 +5,8 @@ shares no task order with the test sequence, then freeze the values for the test
 
 For each algorithm, one Hydra multirun (`train.py -m`) over a small grid of its main knob(s) (GRID below:
 2-3 values, the paper default first) on `experiment=metaworld_cw_val` (mw_cw_val: 3 tasks, seed 0), into
-`multirun/tune_metaworld_cw/<algorithm>/`, then its report (`python -m cl_vla.results.sweep_report`). Selection rule,
+`multirun/tune_metaworld_cw/<algorithm>/`, then its report (`python -m cl_vla.results.sweep_report`).
+Selection rule,
 fixed before looking: the highest validation ACC (final mean success over the 3 tasks); a tie (equal
 ACC) goes to the higher BWT, then to the value listed first (the paper's default). `--apply` writes the
 chosen values into conf/algorithm_settings/metaworld_cw/<algorithm>.yaml, which `experiment=metaworld_cw`
