@@ -5,13 +5,17 @@ FWT and forgetting as mean ± std over seeds, and its plot. One command, resumab
     .venv/bin/python experiments/metaworld_cw_table.py                 # run what is missing, then the table
     .venv/bin/python experiments/metaworld_cw_table.py --table-only    # the table of whatever finished
 
-Runs are long (about 10-15 min each on 2 CPU cores), so the command is meant to be run again and again:
+Runs are long (about 10-15 min each on a quiet 2-core CPU, 30 min on a shared one), so the command is meant to be run again and again:
 a run with results.json is skipped, a run that was interrupted (it has run.json) is continued from its
 last checkpoint with `resume=<its dir>`, a run never started is started. One run at a time (it uses one
 torch thread and `eval.num_workers` simulator processes). Every run goes to
 `<out>/<NN>_algorithm=<a>,seed=<s>/`, so `python -m cl_vla.results.sweep_report <out>` reads the
 directory as one sweep (the script writes its sweep.json), and every run is in one W&B group
 (`experiment.group=metaworld_cw_table/<out dir name>`, tag `metaworld_cw_table`).
+
+A finished run whose algorithm settings are no longer the experiment's (conf/algorithm/ merged with
+conf/algorithm_settings/metaworld_cw/, e.g. after a new tuning) is left out of the table and listed;
+move its directory away to run it again.
 
 `--order seed` (default) runs seed 0 of every algorithm first, then seed 1, then seed 2, so a partial
 table has every algorithm; `--order algorithm` finishes an algorithm's seeds before the next one.
@@ -135,9 +139,35 @@ def run_one(python: str, out: Path, index: int, algo: str, seed: int, base: list
 # ------------------------------------------------------------------------------------------ the table
 
 
-def collect(out: Path) -> dict[str, list[tuple[int, dict]]]:
-    """``{algorithm: [(seed, metrics), ...]}`` of the finished runs (results.json with every task)."""
+def expected_settings(algo: str, experiment: str = EXPERIMENT) -> dict:
+    """The algorithm's settings the experiment runs now: conf/algorithm/<a>.yaml, then the experiment's
+    conf/algorithm_settings/<experiment>/<a>.yaml (without interpolated values such as the seed)."""
+    from omegaconf import OmegaConf
+
+    conf = REPO / "conf"
+    cfg = OmegaConf.load(conf / "algorithm" / f"{algo}.yaml")
+    own = conf / "algorithm_settings" / experiment / f"{algo}.yaml"
+    if own.is_file():
+        cfg = OmegaConf.merge(cfg, {k: v for k, v in OmegaConf.load(own).items() if k != "defaults"})
+    return {k: v for k, v in OmegaConf.to_container(cfg, resolve=False).items() if "${" not in str(v)}
+
+
+def stale_keys(run_dir: Path, algo: str) -> list[str]:
+    """Settings in which a finished run differs from what the experiment runs now (e.g. tuned later)."""
+    from omegaconf import OmegaConf
+
+    resolved = run_dir / "config.resolved.yaml"
+    if not resolved.is_file():
+        return []
+    ran = OmegaConf.to_container(OmegaConf.load(resolved).algorithm)
+    return sorted(k for k, v in expected_settings(algo).items() if ran.get(k) != v)
+
+
+def collect(out: Path) -> tuple[dict[str, list[tuple[int, dict]]], list[str]]:
+    """``{algorithm: [(seed, metrics), ...]}`` of the finished runs (results.json with every task) whose
+    settings are the experiment's current ones, and one line per finished run left out as stale."""
     found: dict[str, list[tuple[int, dict]]] = {}
+    stale = []
     for d in sorted(out.glob("*_algorithm=*,seed=*")):
         res = d / "results.json"
         if not res.is_file():
@@ -148,8 +178,13 @@ def collect(out: Path) -> dict[str, list[tuple[int, dict]]]:
             continue
         algo = d.name.split("algorithm=")[1].split(",")[0]
         seed = int(d.name.split("seed=")[1])
+        if keys := stale_keys(d, algo):
+            stale.append(
+                f"{d.name}: ran with other {', '.join(keys)} than the current settings; move it away to rerun"
+            )
+            continue
         found.setdefault(algo, []).append((seed, {**m, "matrix": r["matrix"]}))
-    return found
+    return found, stale
 
 
 def wall_time(out: Path) -> tuple[float, int]:
@@ -231,13 +266,15 @@ def main() -> None:
         claim_sweep(out, base)
         for index, algo, seed in jobs(args.algorithms.split(","), args.seeds, args.order):
             run_one(python, out, index, algo, seed, base)
-    found = collect(out)
+    found, stale = collect(out)
     seconds, attempts = wall_time(out)
     n = sum(len(v) for v in found.values())
     text = (
         f"{n} finished runs in `{out}`; {attempts} run attempts took {seconds / 3600:.2f} h of wall time\n\n"
         + table(found)
     )
+    if stale:
+        text += "\n\nLeft out (stale settings):\n" + "\n".join(f"- {line}" for line in stale)
     print(text)
     if args.markdown:
         args.markdown.write_text(text + "\n", encoding="utf-8")
