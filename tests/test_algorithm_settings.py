@@ -40,3 +40,40 @@ def test_every_settings_file_names_an_experiment_an_algorithm_and_their_keys(pat
     for key, value in own.items():
         if key != "defaults":
             assert cfg.algorithm[key] == value
+
+
+def _experiment_module(name: str):
+    import importlib.util
+
+    path = CONF_DIR.parent / "experiments" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+TABLE = _experiment_module("metaworld_cw_table")
+TUNE = _experiment_module("tune_metaworld_cw")
+
+
+@pytest.mark.parametrize("algo", TABLE.ALGORITHMS)
+def test_every_headline_run_and_tuning_point_composes_validates_and_builds(algo):
+    """What the headline table and the tuning protocol launch is a valid run (no training)."""
+    from cl_vla.cli import build_algorithm, validate_config
+
+    build_algorithm(validate_config(compose_config("experiment=metaworld_cw", f"algorithm={algo}")).algorithm)
+    for point in TUNE.points(algo) if algo in TUNE.GRID else []:
+        overrides = [f"algorithm.{k}={v}" for k, v in point.items()]
+        cfg = validate_config(compose_config("experiment=metaworld_cw_val", f"algorithm={algo}", *overrides))
+        build_algorithm(cfg.algorithm)
+        for k, v in point.items():
+            assert str(cfg.algorithm[k]) == v
+
+
+def test_the_grid_lists_each_default_first_and_only_existing_knobs():
+    for algo, grid in TUNE.GRID.items():
+        default = OmegaConf.load(CONF_DIR / "algorithm" / f"{algo}.yaml")
+        for key, values in grid.items():
+            assert key in default, f"{algo}: {key} is not a setting of algorithm={algo}"
+            if algo != "gem":  # GEM's paper default (256 a past task a step) is too slow for a CPU grid
+                assert float(values[0]) == float(default[key]), f"{algo}.{key}: the default first"
