@@ -24,7 +24,7 @@ def main() -> None:
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     sys.path.insert(0, str(REPO / "tests"))
-    from cl_vla.in_process import run_in_process
+    from cl_vla.training.in_process import run_in_process
     from test_metaworld_guard import guard_overrides  # also sets the tests' offline environment
 
     for seed in args.seeds:

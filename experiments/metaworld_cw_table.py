@@ -1,14 +1,14 @@
 """The headline table: every algorithm x 3 seeds on the discriminating Meta-World sequence (mw_cw5,
-`experiment=metaworld_cw`, tuned settings from conf/tuned/metaworld_cw/), final success (ACC), BWT,
-FWT and forgetting as mean ± std over seeds, and its plot. One command, resumable:
+`experiment=metaworld_cw`, tuned settings from conf/algorithm_settings/metaworld_cw/), final success
+(ACC), BWT, FWT and forgetting as mean ± std over seeds, and its plot. One command, resumable:
 
     .venv/bin/python experiments/metaworld_cw_table.py                 # run what is missing, then the table
     .venv/bin/python experiments/metaworld_cw_table.py --table-only    # the table of whatever finished
 
-Runs are long (about 10-15 min each on a quiet 2-core CPU, 30 min on a shared one), so the command is meant to be run again and again:
-a run with results.json is skipped, a run that was interrupted (it has run.json) is continued from its
-last checkpoint with `resume=<its dir>`, a run never started is started. One run at a time (it uses one
-torch thread and `eval.num_workers` simulator processes). Every run goes to
+Runs are long (about 10-15 min each on a quiet 2-core CPU, 30 min on a shared one), so the command is
+meant to be run again and again: a run with results.json is skipped, a run that was interrupted (it has
+run.json) is continued from its last checkpoint with `resume=<its dir>`, a run never started is started.
+One run at a time (it uses one torch thread and `eval.num_workers` simulator processes). Every run goes to
 `<out>/<NN>_algorithm=<a>,seed=<s>/`, so `python -m cl_vla.results.sweep_report <out>` reads the
 directory as one sweep (the script writes its sweep.json), and every run is in one W&B group
 (`experiment.group=metaworld_cw_table/<out dir name>`, tag `metaworld_cw_table`).
