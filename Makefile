@@ -11,7 +11,7 @@ export WANDB_MODE ?= offline
 export MUJOCO_GL ?= egl
 export PYOPENGL_PLATFORM ?= egl
 
-.PHONY: help install sysdeps run test test-fast lint format bench bench-doc sweep clean
+.PHONY: help install sysdeps run test test-guard test-fast lint format bench bench-doc sweep clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -48,10 +48,13 @@ PYTEST_WORKERS ?= 2
 PYTEST := OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile
 
 test: install  ## run the whole test suite offline on CPU (PYTEST_WORKERS=2)
-	$(PYTEST) $(ARGS)
+	$(PYTEST) -m "not guard" $(ARGS)
+
+test-guard: install  ## the closed-loop benchmark guard (Meta-World, a few minutes)
+	$(PYTEST) -m guard $(ARGS)
 
 test-fast: install  ## the tests without the slow end-to-end ones
-	$(PYTEST) -m "not slow and not ddp" $(ARGS)
+	$(PYTEST) -m "not slow and not ddp and not guard" $(ARGS)
 
 lint: install  ## ruff check and format check
 	$(PY) -m ruff check src tests train.py experiments

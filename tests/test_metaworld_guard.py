@@ -18,7 +18,9 @@ import pytest
 
 from conftest import train_in_process
 
-pytestmark = pytest.mark.slow
+# Not in `make test` yet: its spread over seeds is unmeasured and the suite has no room left in its
+# 15-minute budget on 2 cores; `make test-guard` runs it.
+pytestmark = [pytest.mark.slow, pytest.mark.guard]
 
 TASKS = ["window-open-v3", "window-close-v3"]  # the same window, opened then closed: actions conflict
 SEQ_NAME = "mw_guard2"
