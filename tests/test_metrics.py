@@ -174,7 +174,7 @@ def test_last_filled_row() -> None:
         (np.zeros((0, 0)), "at least one task"),
         ([[0.1, "x"], [0.2, 0.3]], "floats"),
         ([[0.1, math.inf], [0.2, 0.3]], "infinite"),
-        ([[0.1, math.nan], [0.2, 0.3]], "partly filled"),
+        ([[0.1, 0.4], [math.nan, 0.3]], "partly filled"),
         ([[math.nan, math.nan], [0.2, 0.3]], "task order"),
     ],
 )
@@ -183,6 +183,20 @@ def test_validate_matrix_errors(R: object, message: str) -> None:
         validate_matrix(R)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=message):
         compute_metrics(R)  # type: ignore[arg-type]
+
+
+def test_seen_tasks_only_matrix_gives_every_metric_that_needs_no_unseen_task() -> None:
+    # eval.evaluate_unseen=false: row i holds tasks 0..i only.
+    R = [[0.9, None, None], [0.5, 0.8, None], [0.4, 0.6, 1.0]]
+    m = compute_metrics(R, baseline=[0.0, 0.0, 0.0])
+    assert m["acc"] == pytest.approx((0.4 + 0.6 + 1.0) / 3)
+    assert m["bwt"] == pytest.approx(((0.4 - 0.9) + (0.6 - 0.8)) / 2)
+    assert m["forgetting"] == pytest.approx(((0.9 - 0.4) + (0.8 - 0.6)) / 2)
+    assert m["fwt"] is None  # needs each task evaluated before its training
+    assert m["acc_all"] == pytest.approx(m["acc"])  # the last row holds every task
+    partial = compute_metrics([[0.9, None, None], [0.5, 0.8, None], [None, None, None]])
+    assert partial["tasks_learned"] == 2 and partial["acc"] == pytest.approx(0.65)
+    assert partial["acc_all"] is None
 
 
 def test_validate_matrix_reads_none_as_nan_and_copies() -> None:

@@ -119,9 +119,10 @@ LEVEL_METRICS: frozenset[str] = frozenset(
 def validate_matrix(R: ArrayLike) -> np.ndarray:
     """Check ``R`` and return it as a new float64 array.
 
-    ``R`` must be square and non-empty; each row is either entirely NaN (not yet filled) or entirely
-    finite, and filled rows form a prefix (rows are filled in task order). ``None`` entries (as in
-    JSON) are read as NaN. Raises ``ValueError`` otherwise.
+    ``R`` must be square and non-empty; each row is either entirely NaN (not yet filled), entirely
+    finite, or finite up to its own task and NaN after it (``eval.evaluate_unseen=false``: tasks not
+    trained yet are not evaluated), and filled rows form a prefix (rows are filled in task order).
+    ``None`` entries (as in JSON) are read as NaN. Raises ``ValueError`` otherwise.
     """
     try:
         arr = np.array(R, dtype=np.float64)
@@ -140,11 +141,11 @@ def validate_matrix(R: ArrayLike) -> np.ndarray:
     nan = np.isnan(arr)
     filled = ~nan.all(axis=1)
     for i in np.flatnonzero(filled):
-        if nan[i].any():
+        if nan[i, : i + 1].any():
             cols = np.flatnonzero(nan[i]).tolist()
             raise ValueError(
-                f"Row {i} of R is only partly filled (NaN in columns {cols}); every task must be "
-                f"evaluated after each task."
+                f"Row {i} of R is only partly filled (NaN in columns {cols}); every task learned so "
+                f"far must be evaluated after each task."
             )
     n_filled = int(filled.sum())
     if n_filled and not filled[:n_filled].all():
@@ -271,6 +272,7 @@ class CLMetrics:
         if b is not None:
             js = np.arange(1, min(L + 1, T - 1) + 1)
             fwt = _mean(P[js - 1, js] - s * b[js])
+            fwt = fwt if fwt is not None and np.isfinite(fwt) else None  # unseen tasks not evaluated
 
         per_task: list[float | None] = [None] * T
         for j in range(L):
@@ -290,7 +292,7 @@ class CLMetrics:
             tasks_learned=K,
             higher_is_better=higher_is_better,
             acc=level(P[L, :K].mean()),
-            acc_all=level(P[L].mean()),
+            acc_all=level(P[L].mean()) if np.isfinite(P[L]).all() else None,
             learning_accuracy=level(diag.mean()),
             bwt=bwt,
             fwt=fwt,
