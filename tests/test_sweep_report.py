@@ -11,6 +11,7 @@ import shutil
 import statistics
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -240,3 +241,28 @@ def test_job_dirname_stays_short():
     name = _dirname({"task_sequence.tasks": "['" + "x" * 400 + "']", "seed": "1"})
     assert len(name) <= 180 and "/" not in name
     assert _dirname({"data.root": "/a/b", "seed": "0"}) == "data.root=_a_b,seed=0"
+
+
+def test_the_same_sweep_launched_again_continues_each_job_where_it_stopped(sweep, tmp_path):
+    sweep_dir, base = sweep
+    d = tmp_path / "sweep"
+    shutil.copytree(sweep_dir, d, ignore=shutil.ignore_patterns("wandb", "report"))
+    jobs = sorted(p for p in d.iterdir() if (p / "results.json").is_file())
+    finished, cut = jobs[0], jobs[1]
+    before = {p.name: json.loads((p / "results.json").read_text())["matrix"] for p in jobs}
+    # One job as if killed after its first task: its results gone, its state back at task_00.ckpt.
+    (cut / "results.json").unlink()
+    state = json.loads((cut / "checkpoints" / "state.json").read_text())
+    (cut / "checkpoints" / "state.json").write_text(json.dumps({**state, "checkpoint": "task_00.ckpt"}))
+    stamp = (finished / "results.json").stat().st_mtime_ns
+    proc = run_train(
+        ["-m", *base, f"algorithm.replay_batch_ratio={','.join(RATIOS)}", "seed=0,1", f"hydra.sweep.dir={d}"],
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "already finished: nothing to do" in proc.stdout and "resuming" in proc.stdout
+    assert (finished / "results.json").stat().st_mtime_ns == stamp  # left as it was
+    for p in jobs:
+        after = json.loads((p / "results.json").read_text())["matrix"]
+        np.testing.assert_allclose(np.array(after, float), np.array(before[p.name], float), rtol=0, atol=1e-6)
+        assert json.loads((p / "job_status.json").read_text())["status"] == "COMPLETED"

@@ -158,10 +158,13 @@ def run_main(cfg: DictConfig) -> float | None:
         cfg = validate_config(cfg)
         if not cfg.dry_run:
             check_accelerator(cfg.trainer)  # this machine's: recipes for GPUs still validate anywhere
-        from cl_vla.training.run_dir import open_run
+        from cl_vla.training.run_dir import open_run, run_finished
 
         # Before any data or model: a refused resume or a busy run directory costs nothing.
         handle = open_run(cfg, claim=not cfg.dry_run)
+        if run_finished(handle):
+            console.print(f"{handle.run_dir} already finished: nothing to do", soft_wrap=True)
+            return None
         algorithm = build_algorithm(cfg.algorithm)
         data, policy_cfg = prepare_data(cfg)
         console.print(_task_table(data))

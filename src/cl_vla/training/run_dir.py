@@ -153,6 +153,21 @@ def refuse_existing_run(run_dir: Path) -> None:
         )
 
 
+def _rerun_sweep_job(cfg: DictConfig, run_dir: Path) -> bool:
+    """A Hydra multirun job whose folder already holds a run (of this sweep: its folder name is its
+    swept values, and SweepGuard refused any other sweep in the directory)."""
+    from cl_vla.tracking.sweep import current_job_sweep
+
+    return (run_dir / RUN_FILE).is_file() and current_job_sweep(cfg) is not None
+
+
+def run_finished(handle: RunHandle) -> bool:
+    """The run this handle continues had already written its results (nothing left to do)."""
+    state = handle.resume.state if handle.resume is not None else None
+    done = state is not None and state.task >= state.num_tasks
+    return bool(done and (handle.run_dir / "results.json").is_file())
+
+
 @dataclass
 class RunHandle:
     """The run directory this process writes, claimed, with where to start in it."""
@@ -180,6 +195,12 @@ def open_run(cfg: DictConfig, claim: bool = True) -> RunHandle:
             run_dir=point.run_dir if point else Path("."), fingerprint=fingerprint, resume=point, lock=None
         )
     run_dir = point.run_dir if point else Path(cfg.output_dir)
+    if point is None and _rerun_sweep_job(cfg, run_dir):
+        # The same sweep launched again continues each job where it stopped (its own folder, its own
+        # fingerprint): a long sweep is finished over several stretches by one command.
+        point = resolve_resume(str(run_dir))
+        if point.fingerprint is not None:
+            check_resume_config(point.fingerprint, cfg, run_dir)
     if point is None and is_first_process():
         refuse_existing_run(run_dir)
     lock = RunLock(run_dir).acquire() if is_first_process() else None
