@@ -2,8 +2,8 @@
 
 Under ``eval=sim`` the baseline row is the most expensive evaluation of a run: an untrained policy
 rarely succeeds, so every episode runs to the step limit. It depends only on what the row is a
-function of: the initial weights (which the seed decides), the normalization statistics, the policy's
-and the evaluation's settings, the task sequence, the algorithm's evaluation context (PackNet's
+function of: the initial weights (which the seed decides), the normalization statistics, the policy's,
+the data's and the evaluation's settings, the task sequence, the algorithm's evaluation context (PackNet's
 masks, per-task adapters) and the versions of the code that compute it. Those are hashed into a key;
 a sweep over algorithms or replay ratios then simulates each seed's baseline once.
 
@@ -71,7 +71,12 @@ def baseline_key(
         },
         "task_sequence": OmegaConf.to_container(cfg.task_sequence, resolve=True),
         "model": OmegaConf.to_container(cfg.model, resolve=True),
-        "normalization": cfg.data.normalization,
+        # What was recorded and how it is read (cameras, image size, statistics choice), not where.
+        "data": {
+            k: v
+            for k, v in OmegaConf.to_container(cfg.data, resolve=True).items()
+            if k not in ("root", "num_workers", "video_backend")
+        },
         "versions": {p: _version(p) for p in ("cl_vla", "lerobot", "torch", "metaworld", "mujoco", "libero")},
     }
     # Algorithms that evaluate every task as it is (most) share one row; the others add their state.
