@@ -8,7 +8,7 @@ masks, per-task adapters) and the versions of the code that compute it. Those ar
 a sweep over algorithms or replay ratios then simulates each seed's baseline once.
 
 Rows live in ``<cache>/baseline_rows/<key>.json`` (``cl_vla.paths.cache_dir``; ``eval.cache_baseline
-=false`` turns the cache off). A run records whether its row came from the cache.
+=false`` turns the cache off). A run logs (console and train.log) when its row came from the cache.
 """
 
 from __future__ import annotations
