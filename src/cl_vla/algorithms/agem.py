@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
 
 from cl_vla.algorithms.gem import EpisodicGradientAlgorithm
@@ -52,13 +53,16 @@ class AGEM(EpisodicGradientAlgorithm):
         # A-GEM has no margin: the projection is exactly onto the constraint's boundary.
         super().__init__(memory_per_task, memory_batch_size, 0.0, seed)
 
+    def _step_draws(self, rng: np.random.Generator) -> list[list[tuple[int, int]]]:
+        return [self._draw_across(rng, self.memory_batch_size)]
+
     def after_backward(self, module: Any, batch: Mapping[str, Any]) -> None:
         """Project the current gradient when it conflicts with the memory's reference gradient."""
         if not self._memory.task_ids():
             return
         params = list(trainable_parameters(policy_of(module)).values())
-        pairs = self._draw_across(self._step_rng(), self.memory_batch_size)
-        g_ref = self._average_over_ranks(self._memory_gradient(module, params, pairs))
+        (memory_batch,) = self._memory_batches()
+        g_ref = self._average_over_ranks(self._memory_gradient(module, params, memory_batch))
         self.num_steps += 1  # only once the step's draw was used: a failed step is drawn again
         g = flat_grad(params).detach()
         projected = agem_project(g, g_ref)

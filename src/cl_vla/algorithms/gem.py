@@ -15,11 +15,12 @@ This module also holds what GEM shares with A-GEM (:mod:`cl_vla.algorithms.agem`
 memory and the memory-gradient machinery (:class:`EpisodicGradientAlgorithm`). The projection and
 the flat-gradient helpers are in :mod:`cl_vla.algorithms.gradient_projection`.
 
-Memory frames: the references are read through ``context.make_loader`` (the run's DataLoader and
-collate, kept from the last task hook) with ``num_workers=0``, since starting worker processes at
-every step would cost more than decoding a memory batch; after a mid-task resume no hook has run yet,
-and a plain DataLoader with the default collate (what ``make_loader`` uses) and its own generator
-stands in.
+Memory frames: a step's draw is a pure function of ``(seed, rank, step)``, so the batches of the
+coming steps are decoded ahead in the run's DataLoader workers (``context.make_loader``, kept from
+the task-start hook; :mod:`cl_vla.algorithms.memory_prefetch`) while the main process computes;
+without workers (``data.num_workers=0``, or no task-start hook since a mid-task resume) they are
+decoded in the main process. Either way a batch is the drawn frames collated as the run's loader
+collates them (``default_collate``).
 
 Under DDP the current gradient is already averaged over ranks when ``after_backward`` runs, but the
 memory gradients are computed locally (each rank draws its own memory batch): they are all-reduced
@@ -30,16 +31,17 @@ A-GEM's) does not depend on that scale, the margin term does (bf16 and fp32 have
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader
+from torch.utils.data import default_collate
 
 from cl_vla.algorithms.base import CLAlgorithm, TaskContext, rank_and_world, to_device
 from cl_vla.algorithms.gradient_projection import flat_grad, gem_project, non_negative_float, write_flat_grad
+from cl_vla.algorithms.memory_prefetch import MemoryPrefetcher
 from cl_vla.algorithms.parameters import policy_of, trainable_parameters
 from cl_vla.algorithms.replay_memory import ReplayMemory, entropy
 
@@ -89,7 +91,8 @@ class EpisodicGradientAlgorithm(CLAlgorithm):
         self.margin = float(margin)
         self.seed = int(seed)
         self._memory = ReplayMemory(self.memory_per_task, self.seed, stream=_POPULATE_STREAM)
-        self._make_loader: Callable[..., Iterable[dict]] | None = None
+        self._prefetch = MemoryPrefetcher(self._load_step)
+        self._rank = 0  # the rank whose draws the prefetch workers decode
         #: Gradient edits done so far (the step counter that seeds each step's memory draw) and how
         #: many of them changed the gradient; both checkpointed so a resume draws the same batches.
         self.num_steps = 0
@@ -117,16 +120,12 @@ class EpisodicGradientAlgorithm(CLAlgorithm):
         """No-op: the memory is filled from the whole task dataset at its end."""
 
     def on_task_start(self, task_id: int, context: TaskContext | None = None) -> None:
-        if context is not None and context.make_loader is not None:
-            self._make_loader = context.make_loader
+        self._prefetch.use_loader(None if context is None else context.make_loader)
 
     def on_task_end(self, task_id: int, context: TaskContext | None = None) -> None:
         """Select ``memory_per_task`` references of ``context.train_dataset`` for ``task_id``."""
-        if context is None:
-            return
-        if context.make_loader is not None:
-            self._make_loader = context.make_loader
-        if context.train_dataset is not None:
+        self._prefetch.close()
+        if context is not None and context.train_dataset is not None:
             self._memory.populate(task_id, context.train_dataset)
 
     def attach_dataset(self, task_id: int, dataset: Any) -> None:
@@ -151,10 +150,23 @@ class EpisodicGradientAlgorithm(CLAlgorithm):
     def memory(self) -> ReplayMemory:
         return self._memory
 
-    def _step_rng(self) -> np.random.Generator:
+    def _step_rng(self, step: int, rank: int) -> np.random.Generator:
         # A pure function of (seed, rank, step): ranks draw different frames, a resume the same ones.
-        rank, _ = rank_and_world()
-        return np.random.default_rng([entropy(self.seed), _STEP_STREAM, rank, self.num_steps])
+        return np.random.default_rng([entropy(self.seed), _STEP_STREAM, rank, step])
+
+    def _step_draws(self, rng: np.random.Generator) -> list[list[tuple[int, int]]]:
+        """The memory batches one step draws, as ``(task, position)`` pairs (subclasses)."""
+        raise NotImplementedError
+
+    def _load_step(self, step: int) -> list[dict]:
+        """The collated memory batches of ``step`` for rank ``self._rank`` (runs in prefetch workers)."""
+        return [self._load_batch(pairs) for pairs in self._step_draws(self._step_rng(step, self._rank))]
+
+    def _memory_batches(self) -> list[dict]:
+        """This step's memory batches, decoded ahead where the run has loader workers."""
+        self._rank, _ = rank_and_world()
+        key: Hashable = (self._memory.version, self.memory_batch_size, self.seed, self._rank)
+        return self._prefetch.get(self.num_steps, key)
 
     def _draw_within(self, rng: np.random.Generator, task_id: int) -> list[tuple[int, int]]:
         size = self._memory.size(task_id)
@@ -182,20 +194,11 @@ class EpisodicGradientAlgorithm(CLAlgorithm):
 
     def _load_batch(self, pairs: Sequence[tuple[int, int]]) -> dict:
         ds = self._memory.subset(self._refs_of(pairs))
-        kwargs = {"batch_size": len(ds), "shuffle": False, "num_workers": 0}
-        if self._make_loader is not None:
-            loader = self._make_loader(ds, **kwargs)
-        else:
-            # Its own generator: a DataLoader without one draws its base seed from the global torch
-            # RNG, which dropout uses, and a resumed run would then diverge from an uninterrupted one.
-            loader = DataLoader(ds, generator=torch.Generator().manual_seed(self.seed), **kwargs)
-        return next(iter(loader))
+        return default_collate([ds[i] for i in range(len(ds))])
 
-    def _memory_gradient(
-        self, module: Any, params: Sequence[torch.Tensor], pairs: Sequence[tuple[int, int]]
-    ) -> torch.Tensor:
-        """The gradient of the policy loss on the memory frames ``pairs``, leaving ``.grad`` untouched."""
-        batch = to_device(self._load_batch(pairs), _module_device(module, params))
+    def _memory_gradient(self, module: Any, params: Sequence[torch.Tensor], batch: Mapping) -> torch.Tensor:
+        """The gradient of the policy loss on a memory ``batch``, leaving ``.grad`` untouched."""
+        batch = to_device(dict(batch), _module_device(module, params))
         with torch.enable_grad():
             loss, _ = module.compute_loss(batch)
             grads = torch.autograd.grad(loss, list(params), allow_unused=True)
@@ -275,14 +278,16 @@ class GEM(EpisodicGradientAlgorithm):
     ) -> None:
         super().__init__(memory_per_task, memory_batch_size, margin, seed)
 
+    def _step_draws(self, rng: np.random.Generator) -> list[list[tuple[int, int]]]:
+        return [self._draw_within(rng, t) for t in self._memory.task_ids()]
+
     def after_backward(self, module: Any, batch: Mapping[str, Any]) -> None:
         """Project the current gradient when it conflicts with a past task's memory gradient."""
         tasks = self._memory.task_ids()
         if not tasks:
             return
         params = list(trainable_parameters(policy_of(module)).values())
-        rng = self._step_rng()
-        G = torch.stack([self._memory_gradient(module, params, self._draw_within(rng, t)) for t in tasks])
+        G = torch.stack([self._memory_gradient(module, params, b) for b in self._memory_batches()])
         G = self._average_over_ranks(G)
         self.num_steps += 1  # only once the step's draw was used: a failed step is drawn again
         g = flat_grad(params).detach()

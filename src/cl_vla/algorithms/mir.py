@@ -13,9 +13,10 @@ from torch import Tensor
 from torch.func import functional_call
 from torch.utils.data import default_collate
 
-from cl_vla.algorithms.base import rank_and_world
+from cl_vla.algorithms.base import TaskContext, rank_and_world
 from cl_vla.algorithms.der import eval_mode, forked_rng, take_rows
 from cl_vla.algorithms.er import ReplayBuffer, _is_positive_int
+from cl_vla.algorithms.memory_prefetch import MemoryPrefetcher
 from cl_vla.algorithms.replay_memory import entropy
 
 # A stream word of its own, so candidate draws never coincide with ER's populate/sample streams (1, 2).
@@ -47,10 +48,14 @@ class MIR(ReplayBuffer):
       gradient *added* to ``.grad`` before the optimizer step, i.e. the step minimises
       ``L(B_n) + L(B_MC)`` as in the reference implementation (one ``backward`` per term).
 
+    The candidates are a pure function of the step, so the coming steps' candidates are drawn and
+    decoded ahead in the run's DataLoader workers (:mod:`cl_vla.algorithms.memory_prefetch`); without
+    workers they are decoded in the main process.
+
     The virtual step is plain SGD with ``virtual_lr``, or the current learning rate when unset. To first
     order the ranking does not depend on it (``s(x) ~ -lr * g . grad l(x)``); it matters only for how far
     into the nonlinear regime the look-ahead reaches. Cost per step: ``2 * mir_candidates`` no-grad
-    forwards plus one forward/backward on ``k`` samples, and decoding the candidates in the main process.
+    forwards plus one forward/backward on ``k`` samples (the candidates are decoded ahead, see below).
 
     ``replay_batch_ratio`` defaults to 0 here (all replay is MIR's); a positive value additionally mixes
     random replay into the batch like ER. Under DDP each rank draws its own candidates and the added
@@ -88,6 +93,9 @@ class MIR(ReplayBuffer):
         #: Their interference scores and mean loss (detached tensors; no device sync per step).
         self.last_scores: Tensor | None = None
         self.last_replay_loss: Tensor | None = None
+        # Candidates are decoded ahead in the run's loader workers, for the (task, rank) of the last step.
+        self._prefetch = MemoryPrefetcher(self._load_candidates)
+        self._draw_at = (0, 0)
 
     @staticmethod
     def _check_mir_hparams(mir_candidates: Any, k: Any, virtual_lr: Any, buffer_size_per_task: Any) -> None:
@@ -119,6 +127,18 @@ class MIR(ReplayBuffer):
         pairs = self._draw(min(self.mir_candidates, len(self)), rng, balanced=False)
         return pairs, int(rng.integers(2**62))
 
+    def _load_candidates(self, step: int) -> tuple[list[tuple[int, int]], int, dict]:
+        """``candidate_pairs`` of ``step`` and the candidates collated (runs in prefetch workers)."""
+        pairs, noise_seed = self.candidate_pairs(*self._draw_at, step)
+        return pairs, noise_seed, dict(default_collate(self._fetch(pairs)))
+
+    def on_task_start(self, task_id: int, context: TaskContext | None = None) -> None:
+        self._prefetch.use_loader(None if context is None else context.make_loader)
+
+    def on_task_end(self, task_id: int, context: TaskContext | None = None) -> None:
+        self._prefetch.close()
+        super().on_task_end(task_id, context)
+
     def after_backward(self, module: Any, batch: Mapping[str, Any]) -> None:
         """Score candidates against the current gradient and add the top ``k``'s loss gradient."""
         if len(self) == 0:
@@ -130,9 +150,11 @@ class MIR(ReplayBuffer):
         self.memory.require_datasets()
         step = int(getattr(module, "global_step", 0))
         task, rank = int(getattr(module, "task", 0)), int(getattr(module, "global_rank", 0))
-        pairs, noise_seed = self.candidate_pairs(task, rank, step)
+        self._draw_at = (task, rank)
+        key = (task, rank, self.memory.version, self.seed, self.mir_candidates)
+        pairs, noise_seed, collated = self._prefetch.get(step, key)
         preprocess = getattr(module, "preprocessor", None) or (lambda b: b)
-        candidates = preprocess(dict(default_collate(self._fetch(pairs))))
+        candidates = preprocess(dict(collated))
         scores = interference_scores(policy, candidates, params, self._lr(module), noise_seed)
         top = select_top(scores, self.k)
         self.last_retrieved = [pairs[i][1] for i in top]

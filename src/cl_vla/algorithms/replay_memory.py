@@ -75,6 +75,9 @@ class ReplayMemory:
         self._refs: dict[int, np.ndarray] = {}
         self._kinds: dict[int, str] = {}
         self._datasets: dict[int, Any] = {}
+        #: Bumped by every change of what the memory holds or reads from: copies of the memory made
+        #: earlier (prefetch workers, :mod:`cl_vla.algorithms.memory_prefetch`) are stale once it moves.
+        self.version = 0
 
     # ---- filling --------------------------------------------------------------------------------
 
@@ -94,6 +97,7 @@ class ReplayMemory:
         self._refs[task_id] = reservoir_sample(stream, self.per_task if num is None else int(num), rng)
         self._kinds[task_id] = kind
         self._datasets[task_id] = dataset
+        self.version += 1
 
     def attach(self, task_id: int, dataset: Any) -> None:
         """Give a task restored from a checkpoint the dataset its references point into.
@@ -106,6 +110,7 @@ class ReplayMemory:
             raise KeyError(f"task {task_id} has no stored references; stored tasks are {self.task_ids()}.")
         self._check_fits(task_id, dataset)
         self._datasets[task_id] = dataset
+        self.version += 1
 
     def _check_fits(self, task_id: int, dataset: Any) -> None:
         source = self._source(task_id, dataset)
@@ -126,6 +131,7 @@ class ReplayMemory:
         self._refs.clear()
         self._kinds.clear()
         self._datasets.clear()
+        self.version += 1
 
     # ---- reading --------------------------------------------------------------------------------
 
@@ -199,6 +205,7 @@ class ReplayMemory:
         for task_id, dataset in keep.items():
             self._check_fits(task_id, dataset)
             self._datasets[task_id] = dataset
+        self.version += 1
 
 
 __all__ = [

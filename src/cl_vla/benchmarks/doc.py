@@ -43,9 +43,13 @@ optimizer steps between consecutive `after_backward` calls, the first fifth of t
 - **inherent extra work**: what the method itself adds to a step, timed in the same process right
   after the `sequential` run, on the trained policy and real preprocessed batches, with plain torch
   kernels independent of `cl_vla.algorithms` (`cl_vla.benchmarks.inherent`): the median of
-  interleaved rounds. GEM and A-GEM use a memory batch equal to the training batch.
+  interleaved rounds. GEM and A-GEM use a memory batch equal to the training batch. Reading the
+  frames a method needs beyond the training batch (A-GEM's and GEM's memory batches, MIR's
+  candidates: decode, collate, preprocess) is part of its work, timed in the main process.
 - **limit**: (`sequential`'s measured step + that extra work) / `sequential`'s step. An algorithm
-  cannot be faster than its limit except where the loader, not the main process, bounds a step.
+  cannot be faster than its limit except where work runs beside the main process: the training
+  loader, and the memory reads that GEM, A-GEM and MIR do ahead in loader workers
+  (`cl_vla.algorithms.memory_prefetch`), which a free core hides.
 - **measured / limit**, **within 10 %**: above 1.10 the implementation costs more than its method's
   work: a regression, or work that could move (see the profile notes below the table).
 - **extra memory**: the algorithm's checkpointed state after two tasks.

@@ -10,11 +10,17 @@ the same policy and real preprocessed batches, right after the ``sequential`` ru
 - SI: that penalty plus its path integral (copy theta, subtract, multiply-accumulate into omega);
 - LwF: one no-grad forward of a frozen teacher on the batch, plus the distillation loss;
 - DER++: the two loss terms on the replayed rows (their outputs come from the training forward);
-- MIR: the virtual SGD step, two no-grad forwards over the candidates, a forward/backward on the top k;
-- A-GEM / GEM (one past task): one forward/backward on a memory batch, plus the projection;
+- MIR: reading its candidates' frames, the virtual SGD step, two no-grad forwards over the candidates,
+  a forward/backward on the top k;
+- A-GEM / GEM (one past task): reading a memory batch's frames, one forward/backward on it, plus the
+  projection;
 - PackNet: masking the gradients and restoring frozen weights (three fused kernels);
 - per-task LoRA: a step of the adapter model instead of the full one (may cost less than a step);
 - ER, multitask, sequential: nothing (replay rides inside the batch of the same size).
+
+Reading frames (decode, collate, preprocess; ``read_memory_batch``, ``read_candidates``) is timed in the
+main process, as if it were serial. The algorithms that need it read ahead in loader workers, so where
+a core is free they may come in under their limit; on a machine whose cores are all busy they cannot.
 
 Each primitive is timed standalone, many times, interleaved with the others (so load on a shared
 machine hits all alike), and its median is the extra time per step. The bench then sets the *limit*
@@ -54,12 +60,16 @@ EXTRA_WORK: dict[str, ExtraWork] = {
     "lwf": ExtraWork("teacher forward (no grad) + distill loss", ("teacher_forward", "distill_loss")),
     "derpp": ExtraWork("loss terms on replayed rows", ("replay_loss_terms",)),
     "mir": ExtraWork(
-        "virtual step + 2 fwd over candidates + fwd/bwd on top k",
-        ("virtual_step", "score_candidates", "retrieved_fwd_bwd"),
+        "read candidates + virtual step + 2 fwd over them + fwd/bwd on top k",
+        ("read_candidates", "virtual_step", "score_candidates", "retrieved_fwd_bwd"),
     ),
-    "agem": ExtraWork("fwd/bwd on a memory batch + projection", ("memory_fwd_bwd", "projection")),
+    "agem": ExtraWork(
+        "read a memory batch + its fwd/bwd + projection",
+        ("read_memory_batch", "memory_fwd_bwd", "projection"),
+    ),
     "gem": ExtraWork(
-        "fwd/bwd on a memory batch per past task + projection", ("memory_fwd_bwd", "projection")
+        "read a memory batch per past task + its fwd/bwd + projection",
+        ("read_memory_batch", "memory_fwd_bwd", "projection"),
     ),
     "packnet": ExtraWork("mask gradients, restore frozen weights", ("packnet_masks",)),
     "lora_per_task": ExtraWork("adapter-model step instead of a full step", ("lora_step", "-step")),
@@ -121,7 +131,8 @@ class Primitives:
 
     Args:
         policy: The trained policy (copied; the original is not touched).
-        batch_of: ``n -> a preprocessed batch of n real training frames``.
+        batch_of: ``n -> a preprocessed batch of n real training frames``, read from the dataset at
+            every call (what reading a memory batch costs).
         batch_size: The training batch size (the plain step's).
         memory_batch: A-GEM / GEM's memory batch size.
         candidates, k: MIR's candidates scored and retrieved per step.
@@ -145,6 +156,7 @@ class Primitives:
     ) -> None:
         self.policy = copy.deepcopy(policy).train()
         self.grad_clip = grad_clip
+        self.batch_of, self.memory_batch, self.num_candidates = batch_of, memory_batch, candidates
         big = batch_of(max(batch_size, memory_batch, candidates))
         self.batch, self.memory, self.candidates = (
             _rows(big, batch_size),
@@ -248,6 +260,14 @@ class Primitives:
         self._chunk_loss(self.replayed)
         self._chunk_loss(self.replayed)
 
+    # ---- reading the frames a method needs beyond the training batch -------------------------------
+
+    def read_memory_batch(self) -> None:
+        self.batch_of(self.memory_batch)
+
+    def read_candidates(self) -> None:
+        self.batch_of(self.num_candidates)
+
     @torch.no_grad()
     def virtual_step(self) -> None:
         self._virtual = torch._foreach_add([p.detach() for p in self.params], self._grads(), alpha=-1e-4)
@@ -309,6 +329,8 @@ class Primitives:
             "retrieved_fwd_bwd",
             "memory_fwd_bwd",
             "projection",
+            "read_memory_batch",
+            "read_candidates",
         ]
         if callable(getattr(self.teacher, "compute_outputs", None)):
             names.append("teacher_forward")

@@ -30,11 +30,14 @@ def compose_run(overrides: list[str], out_dir: Path) -> tuple[Any, Any, Any, Any
     return cfg, algorithm, data, policy_cfg
 
 
-def run_in_process(overrides: list[str], out_dir: Path, algorithm_hook=None) -> tuple[dict, object, object]:
+def run_in_process(
+    overrides: list[str], out_dir: Path, algorithm_hook=None, console: Console | None = None
+) -> tuple[dict, object, object]:
     """Compose ``conf/`` with ``overrides``, train in this process into ``out_dir``.
 
     Returns ``(results, algorithm, data)``; ``results`` is what :func:`cl_vla.results.run_files.read_results`
-    reads back from the run's directory (``out_dir``, or the resumed run's with ``resume=...``).
+    reads back from the run's directory (``out_dir``, or the resumed run's with ``resume=...``). What
+    ``train.py`` would print goes to ``console`` (by default nowhere).
     """
     from cl_vla.results.run_files import read_results
     from cl_vla.training.loop import run_continual
@@ -43,7 +46,7 @@ def run_in_process(overrides: list[str], out_dir: Path, algorithm_hook=None) -> 
     cfg, algorithm, data, policy_cfg = compose_run(overrides, out_dir)
     if algorithm_hook is not None:
         algorithm_hook(algorithm)
-    run_continual(cfg, data, policy_cfg, algorithm, console=Console(quiet=True))
+    run_continual(cfg, data, policy_cfg, algorithm, console=console or Console(quiet=True))
     run_dir = run_dir_of(cfg.resume) if cfg.resume else out_dir
     return read_results(run_dir), algorithm, data
 
