@@ -13,6 +13,11 @@ One run at a time (it uses one torch thread and `eval.num_workers` simulator pro
 directory as one sweep (the script writes its sweep.json), and every run is in one W&B group
 (`experiment.group=metaworld_cw_table/<out dir name>`, tag `metaworld_cw_table`).
 
+Every finished run is also written to the committed ledger `docs/results/ledger/metaworld_cw_table.jsonl`
+(settings, metrics, R matrix, wall time, commit; `experiments/_ledger.py`): the run directories stay on the
+machine that ran them, the ledger goes on with the repository, so the next invocation on another machine
+skips what any machine finished and still tables it. Commit the ledger after a stretch of runs.
+
 A finished run whose algorithm settings are no longer the experiment's (conf/algorithm/ merged with
 conf/algorithm_settings/metaworld_cw/, e.g. after a new tuning) is left out of the table and listed;
 move its directory away to run it again.
@@ -33,6 +38,7 @@ import sys
 import time
 from pathlib import Path
 
+import _ledger
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,7 +61,10 @@ METRICS = ("acc", "bwt", "fwt", "forgetting")
 LABELS = {"acc": "ACC ↑", "bwt": "BWT ↑", "fwt": "FWT ↑", "forgetting": "Forgetting ↓"}
 EXPERIMENT = "metaworld_cw"
 NAME = "metaworld_cw_table"
-TIMES = "times.jsonl"
+TIMES = "times.jsonl"  # every attempt, finished or not (this machine)
+
+#: ``{algorithm: [(seed, metrics with "matrix"), ...]}``
+Found = dict[str, list[tuple[int, dict]]]
 
 
 def job_name(index: int, algo: str, seed: int) -> str:
@@ -101,9 +110,30 @@ def claim_sweep(out: Path, base: list[str]) -> None:
         sys.exit(f"error: {exc}")
 
 
-def run_one(python: str, out: Path, index: int, algo: str, seed: int, base: list[str]) -> None:
+def in_ledger(algo: str, seed: int, experiment: str = EXPERIMENT) -> bool:
+    """Whether some machine finished ``(algo, seed)`` with the experiment's current settings."""
+    expected = expected_settings(algo, experiment)
+    return any(
+        e["algorithm"] == algo and e["seed"] == seed and not _ledger.differing(e["settings"], expected)
+        for e in _ledger.read(NAME)
+    )
+
+
+def record(run_dir: Path, algo: str, experiment: str = EXPERIMENT) -> None:
+    """Put a finished run into the ledger, unless its algorithm and seed are there already."""
+    summary = _ledger.run_summary(run_dir)
+    if summary is not None and not in_ledger(algo, summary["seed"], experiment):
+        _ledger.append(NAME, {**summary, "algorithm": algo, "run": run_dir.name})
+
+
+def run_one(
+    python: str, out: Path, index: int, algo: str, seed: int, base: list[str], experiment: str = EXPERIMENT
+) -> None:
     run_dir = out / job_name(index, algo, seed)
     if (run_dir / "results.json").is_file():
+        record(run_dir, algo, experiment)
+        return
+    if in_ledger(algo, seed, experiment):
         return
     args = [*base, f"algorithm={algo}", f"seed={seed}", f"hydra.run.dir='{run_dir}'"]
     if (run_dir / "run.json").is_file():  # started before: continue it from its last checkpoint
@@ -134,6 +164,8 @@ def run_one(python: str, out: Path, index: int, algo: str, seed: int, base: list
             + "\n"
         )
     print(f"  rc={rc} {seconds / 60:.1f} min", flush=True)
+    if rc == 0:
+        record(run_dir, algo, experiment)
 
 
 # ------------------------------------------------------------------------------------------ the table
@@ -152,48 +184,30 @@ def expected_settings(algo: str, experiment: str = EXPERIMENT) -> dict:
     return {k: v for k, v in OmegaConf.to_container(cfg, resolve=False).items() if "${" not in str(v)}
 
 
-def stale_keys(run_dir: Path, algo: str) -> list[str]:
-    """Settings in which a finished run differs from what the experiment runs now (e.g. tuned later)."""
-    from omegaconf import OmegaConf
-
-    resolved = run_dir / "config.resolved.yaml"
-    if not resolved.is_file():
-        return []
-    ran = OmegaConf.to_container(OmegaConf.load(resolved).algorithm)
-    return sorted(k for k, v in expected_settings(algo).items() if ran.get(k) != v)
-
-
-def collect(out: Path) -> tuple[dict[str, list[tuple[int, dict]]], list[str]]:
-    """``{algorithm: [(seed, metrics), ...]}`` of the finished runs (results.json with every task) whose
-    settings are the experiment's current ones, and one line per finished run left out as stale."""
-    found: dict[str, list[tuple[int, dict]]] = {}
-    stale = []
+def collect(out: Path, experiment: str = EXPERIMENT) -> tuple[Found, list[str], float]:
+    """``{algorithm: [(seed, metrics), ...]}`` of the finished runs, from ``out``'s run directories and
+    the ledger (one per algorithm and seed), whose settings are the experiment's current ones; one line
+    per finished run left out as stale; the wall seconds of the runs kept."""
+    summaries = []
     for d in sorted(out.glob("*_algorithm=*,seed=*")):
-        res = d / "results.json"
-        if not res.is_file():
-            continue
-        r = json.loads(res.read_text())
-        m = r["metrics"]
-        if m.get("tasks_learned", m.get("num_tasks")) != m.get("num_tasks"):
-            continue
         algo = d.name.split("algorithm=")[1].split(",")[0]
-        seed = int(d.name.split("seed=")[1])
-        if keys := stale_keys(d, algo):
-            stale.append(
-                f"{d.name}: ran with other {', '.join(keys)} than the current settings; move it away to rerun"
-            )
+        summary = _ledger.run_summary(d)
+        if summary is not None:
+            summaries.append({**summary, "algorithm": algo, "run": d.name})
+    summaries += _ledger.read(NAME)
+    found: dict[str, list[tuple[int, dict]]] = {}
+    stale, seen, seconds = [], set(), 0.0
+    for e in summaries:
+        algo, seed = e["algorithm"], int(e["seed"])
+        if (algo, seed) in seen:
             continue
-        found.setdefault(algo, []).append((seed, {**m, "matrix": r["matrix"]}))
-    return found, stale
-
-
-def wall_time(out: Path) -> tuple[float, int]:
-    """Total wall seconds of the recorded attempts and their number."""
-    path = out / TIMES
-    if not path.is_file():
-        return 0.0, 0
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return sum(r["seconds"] for r in rows), len(rows)
+        if keys := _ledger.differing(e["settings"], expected_settings(algo, experiment)):
+            stale.append(f"{e['run']}: ran with other {', '.join(keys)} than the current settings")
+            continue
+        seen.add((algo, seed))
+        seconds += e.get("seconds") or 0.0
+        found.setdefault(algo, []).append((seed, {**e["metrics"], "matrix": e["matrix"]}))
+    return found, stale, seconds
 
 
 def _cell(vals: list[float]) -> str:
@@ -265,13 +279,12 @@ def main() -> None:
         base = base_overrides(out, args.overrides, args.experiment)
         claim_sweep(out, base)
         for index, algo, seed in jobs(args.algorithms.split(","), args.seeds, args.order):
-            run_one(python, out, index, algo, seed, base)
-    found, stale = collect(out)
-    seconds, attempts = wall_time(out)
+            run_one(python, out, index, algo, seed, base, args.experiment)
+    found, stale, seconds = collect(out, args.experiment)
     n = sum(len(v) for v in found.values())
     text = (
-        f"{n} finished runs in `{out}`; {attempts} run attempts took {seconds / 3600:.2f} h of wall time\n\n"
-        + table(found)
+        f"{n} of {len(ALGORITHMS) * 3} runs finished ({out.name}/ and the ledger); "
+        f"they took {seconds / 3600:.2f} h of wall time together\n\n" + table(found)
     )
     if stale:
         text += "\n\nLeft out (stale settings):\n" + "\n".join(f"- {line}" for line in stale)

@@ -12,10 +12,14 @@ ACC) goes to the higher BWT, then to the value listed first (the paper's default
 chosen values into conf/algorithm_settings/metaworld_cw/<algorithm>.yaml, which `experiment=metaworld_cw`
 (the test sequence) picks up; `--markdown` writes the summary of every grid point and the choice.
 
-Resumable: a grid point with results.json is skipped; an interrupted one (run.json but no results.json)
-is moved aside to `.<name>.interrupted` (kept, ignored by the report) and run again; only the pending
-values are launched, into the same sweep directory. One run at a time (no parallel launcher): on 2 CPU
-cores a validation run takes about 5 min when the machine is quiet.
+Every finished grid point also goes into the committed ledger `docs/results/ledger/tune_metaworld_cw.jsonl`
+(`experiments/_ledger.py`), so a later invocation on another machine skips it and still reports it: commit
+the ledger after a stretch of runs.
+
+Resumable: a grid point with results.json (or in the ledger) is skipped; an interrupted one (run.json but
+no results.json) is moved aside to `.<name>.interrupted` (kept, ignored by the report) and run again; only
+the pending values are launched, into the same sweep directory. One run at a time (no parallel
+launcher): on 2 CPU cores a validation run takes about 5 min when the machine is quiet.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ import sys
 import time
 from itertools import product
 from pathlib import Path
+
+import _ledger
 
 REPO = Path(__file__).resolve().parents[1]
 NAME = "tune_metaworld_cw"
@@ -75,13 +81,33 @@ def read_points(sweep: Path) -> dict[tuple[tuple[str, str], ...], Path]:
     return found
 
 
-def pending(algo: str, sweep: Path) -> list[dict[str, str]]:
+def ledger_metrics(algo: str, pt: dict[str, str], experiment: str = EXPERIMENT) -> dict | None:
+    """The validation metrics of grid point ``pt`` from the ledger (any machine), None if not there."""
+    for e in _ledger.read(NAME):
+        if e["algorithm"] == algo and e.get("experiment", EXPERIMENT) == experiment and e["point"] == pt:
+            return e["metrics"]
+    return None
+
+
+def record(algo: str, sweep: Path, experiment: str = EXPERIMENT) -> None:
+    """Put every finished grid point of ``sweep`` that the ledger lacks into it."""
+    done = read_points(sweep) if sweep.is_dir() else {}
+    for pt in points(algo):
+        d = done.get(tuple(sorted(pt.items())))
+        summary = _ledger.run_summary(d) if d is not None else None
+        if summary is not None and ledger_metrics(algo, pt, experiment) is None:
+            _ledger.append(NAME, {**summary, "algorithm": algo, "point": pt, "experiment": experiment})
+
+
+def pending(algo: str, sweep: Path, experiment: str = EXPERIMENT) -> list[dict[str, str]]:
     """Grid points without results.json; interrupted job dirs are moved aside (kept) so they rerun."""
     done = read_points(sweep) if sweep.is_dir() else {}
     todo = []
     for pt in points(algo):
         d = done.get(tuple(sorted(pt.items())))
         if d is not None and (d / "results.json").is_file():
+            continue
+        if ledger_metrics(algo, pt, experiment) is not None:
             continue
         if d is not None:
             d.rename(d.with_name(f".{d.name}.interrupted-{time.strftime('%H%M%S')}"))
@@ -127,15 +153,17 @@ def launch(
     )
 
 
-def results(algo: str, sweep: Path) -> list[tuple[dict[str, str], dict | None]]:
+def results(algo: str, sweep: Path, experiment: str = EXPERIMENT) -> list[tuple[dict[str, str], dict | None]]:
+    """Each grid point's validation metrics: from its run directory here, else from the ledger."""
     done = read_points(sweep) if sweep.is_dir() else {}
     out = []
     for pt in points(algo):
         d = done.get(tuple(sorted(pt.items())))
         res = d / "results.json" if d is not None else None
-        out.append(
-            (pt, json.loads(res.read_text())["metrics"] if res is not None and res.is_file() else None)
-        )
+        if res is not None and res.is_file():
+            out.append((pt, json.loads(res.read_text())["metrics"]))
+        else:
+            out.append((pt, ledger_metrics(algo, pt, experiment)))
     return out
 
 
@@ -189,12 +217,13 @@ def main() -> None:
     out = args.out.resolve()
     if not args.summary_only:
         for algo in algos:
-            todo = pending(algo, out / algo)
+            todo = pending(algo, out / algo, args.experiment)
             if todo:
                 launch(python, algo, todo, out / algo, args.overrides, args.experiment)
+            record(algo, out / algo, args.experiment)
     lines = ["| algorithm | value(s) | val ACC ↑ | val BWT ↑ | chosen |", "|---|---|---:|---:|---|"]
     for algo in algos:
-        rows = results(algo, out / algo)
+        rows = results(algo, out / algo, args.experiment)
         pick = choose(rows)
         for pt, m in rows:
             vals = ", ".join(f"{k}={v}" for k, v in pt.items())

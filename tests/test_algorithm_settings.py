@@ -44,8 +44,12 @@ def test_every_settings_file_names_an_experiment_an_algorithm_and_their_keys(pat
 
 def _experiment_module(name: str):
     import importlib.util
+    import sys
 
-    path = CONF_DIR.parent / "experiments" / f"{name}.py"
+    experiments = CONF_DIR.parent / "experiments"
+    if str(experiments) not in sys.path:
+        sys.path.insert(0, str(experiments))  # as when the script runs: its helpers (_ledger) import
+    path = experiments / f"{name}.py"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -77,3 +81,58 @@ def test_the_grid_lists_each_default_first_and_only_existing_knobs():
             assert key in default, f"{algo}: {key} is not a setting of algorithm={algo}"
             if algo != "gem":  # GEM's paper default (256 a past task a step) is too slow for a CPU grid
                 assert float(values[0]) == float(default[key]), f"{algo}.{key}: the default first"
+
+
+# ---- the ledger: finished long runs survive the machine that ran them --------------------------------
+
+
+def _finished_run(run_dir, algo: str, seed: int, acc: float, **settings) -> None:
+    """A run directory as train.py leaves it finished: run.json, config.resolved.yaml, results.json."""
+    import json
+
+    cfg = compose_config("experiment=metaworld_cw", f"algorithm={algo}", f"seed={seed}")
+    cfg.algorithm.update(settings)
+    run_dir.mkdir(parents=True)
+    (run_dir / "run.json").write_text(json.dumps({"fingerprint": "x"}))
+    resolved = {"algorithm": OmegaConf.to_container(cfg.algorithm, resolve=True), "seed": seed}
+    OmegaConf.save(OmegaConf.create(resolved), run_dir / "config.resolved.yaml")
+    metrics = {"acc": acc, "bwt": -0.1, "fwt": 0.2, "forgetting": 0.1, "num_tasks": 2, "tasks_learned": 2}
+    (run_dir / "results.json").write_text(json.dumps({"metrics": metrics, "matrix": [[acc, 0], [0, acc]]}))
+
+
+def test_finished_table_runs_are_kept_in_the_ledger_and_tabled_from_it_alone(tmp_path, monkeypatch):
+    monkeypatch.setattr(TABLE._ledger, "LEDGER_DIR", tmp_path / "ledger")
+    out = tmp_path / "machine_a"
+    _finished_run(out / TABLE.job_name(0, "sequential", 0), "sequential", 0, 0.2)
+    _finished_run(out / TABLE.job_name(3, "er", 0), "er", 0, 0.6)
+    for index, algo, seed in [(0, "sequential", 0), (3, "er", 0)]:
+        TABLE.record(out / TABLE.job_name(index, algo, seed), algo)
+    TABLE.record(out / TABLE.job_name(3, "er", 0), "er")  # recorded once
+    assert len(TABLE._ledger.read(TABLE.NAME)) == 2
+    assert TABLE.in_ledger("er", 0) and not TABLE.in_ledger("er", 1)
+    # Another machine, with none of the run directories: the table still has both, and skips them.
+    found, stale, _ = TABLE.collect(tmp_path / "machine_b")
+    assert {a: [s for s, _ in runs] for a, runs in found.items()} == {"sequential": [0], "er": [0]}
+    assert found["er"][0][1]["acc"] == 0.6 and stale == []
+    # A run made with settings the experiment no longer uses is listed as stale, not tabled.
+    _finished_run(tmp_path / "old" / TABLE.job_name(4, "er", 1), "er", 1, 0.9, replay_batch_ratio=0.9)
+    TABLE.record(tmp_path / "old" / TABLE.job_name(4, "er", 1), "er")
+    found, stale, _ = TABLE.collect(tmp_path / "machine_b")
+    assert [s for s, _ in found["er"]] == [0] and len(stale) == 1 and "replay_batch_ratio" in stale[0]
+
+
+def test_tuning_points_in_the_ledger_are_not_run_again_and_still_reported(tmp_path, monkeypatch):
+    monkeypatch.setattr(TUNE._ledger, "LEDGER_DIR", tmp_path / "ledger")
+    sweep = tmp_path / "machine_a" / "si"
+    for i, (c, acc) in enumerate([("0.1", 0.3), ("1.0", 0.5)]):
+        _finished_run(sweep / str(i), "si", 0, acc, si_c=float(c))
+        (sweep / str(i) / ".hydra").mkdir()
+        OmegaConf.save(
+            OmegaConf.create([f"algorithm.si_c={c}", "seed=0"]), sweep / str(i) / ".hydra" / "overrides.yaml"
+        )
+    TUNE.record("si", sweep)
+    elsewhere = tmp_path / "machine_b" / "si"
+    assert TUNE.pending("si", elsewhere) == [{"si_c": "10.0"}]
+    rows = TUNE.results("si", elsewhere)
+    assert [m["acc"] if m else None for _, m in rows] == [0.3, 0.5, None]
+    assert TUNE.choose(rows) is None  # not every point has run yet

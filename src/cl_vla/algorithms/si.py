@@ -88,6 +88,7 @@ class SI(CLAlgorithm):
         self._anchor: dict[str, Tensor] = {}  # theta* at the end of the last finished task
         self._start: dict[str, Tensor] = {}  # theta at the start of the current task
         self._pending: dict[str, tuple[Tensor, Tensor]] = {}  # name -> (gradient, theta before the step)
+        self._buffers: dict[str, tuple[Tensor, Tensor]] = {}  # the storage of _pending, reused each step
         self._module: Any = None
         self._amp = False  # the pending step ran under an fp16 loss scale (overflow steps possible)
         self.tasks_consolidated: list[int] = []
@@ -116,26 +117,45 @@ class SI(CLAlgorithm):
             self._pending = {}
             return
         grads = [params[n].grad.detach() for n in names]
+        ps = [params[n].detach() for n in names]
         wide = torch.promote_types(grads[0].dtype, torch.float32)
         scale = _loss_scale(module)
-        if all(g.dtype == wide for g in grads):
-            # Copies in one fused kernel (a loss scale is a power of two: dividing by it is exact).
-            g_list = torch._foreach_div(grads, scale) if scale != 1.0 else torch._foreach_mul(grads, 1.0)
+        if all(g.dtype == wide and p.dtype == wide for g, p in zip(grads, ps, strict=True)):
+            # Into buffers kept across steps, with fused kernels: no per-step allocation of two copies
+            # of the model (a loss scale is a power of two: dividing by it is exact).
+            g_list, before = self._step_buffers(names, ps)
+            torch._foreach_copy_(g_list, grads)
+            if scale != 1.0:
+                torch._foreach_div_(g_list, scale)
         else:
             g_list = [g.to(wide, copy=True).div_(scale) for g in grads]
+            before = [p.to(wide, copy=True) for p in ps]
         penalized = [i for i, n in enumerate(names) if n in self._big_omega]
         if penalized and self.si_c != 0.0:
             # p.grad holds the total loss's gradient; SI's own penalty gradient 2c Omega (theta - theta*)
-            # is known exactly, so the task loss's gradient is recovered by subtracting it.
-            ps = [params[names[i]].detach() for i in penalized]
-            omegas = [self._to(self._big_omega, names[i], ps[k]) for k, i in enumerate(penalized)]
-            anchors = [self._to(self._anchor, names[i], ps[k]) for k, i in enumerate(penalized)]
-            shift = torch._foreach_sub(ps, anchors)
+            # is known exactly, so the task loss's gradient is recovered by subtracting it. The shift
+            # is computed in the ``before`` buffers, which are filled only afterwards.
+            shift = [before[i] for i in penalized]
+            omegas = [self._to(self._big_omega, names[i], ps[i]) for i in penalized]
+            anchors = [self._to(self._anchor, names[i], ps[i]) for i in penalized]
+            torch._foreach_copy_(shift, [ps[i] for i in penalized])
+            torch._foreach_sub_(shift, anchors)
             torch._foreach_mul_(shift, omegas)
             torch._foreach_add_([g_list[i] for i in penalized], shift, alpha=-2.0 * self.si_c)
-        before = torch._foreach_mul([params[n].detach() for n in names], 1.0)  # copies, fused
+        torch._foreach_copy_(before, ps)
         self._pending = {n: (g, b) for n, g, b in zip(names, g_list, before, strict=True)}
         self._amp = scale != 1.0
+
+    def _step_buffers(self, names: list[str], ps: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+        """Per-parameter (gradient, theta before the step) buffers, made once and reused every step."""
+        out_g, out_b = [], []
+        for n, p in zip(names, ps, strict=True):
+            buf = self._buffers.get(n)
+            if buf is None or buf[0].shape != p.shape or buf[0].dtype != p.dtype or buf[0].device != p.device:
+                buf = self._buffers[n] = (torch.empty_like(p), torch.empty_like(p))
+            out_g.append(buf[0])
+            out_b.append(buf[1])
+        return out_g, out_b
 
     def observe(self, batch: Mapping[str, Any], **kwargs: Any) -> None:
         """After the optimizer step: ``omega += -g * (theta_after - theta_before)``."""
@@ -147,19 +167,20 @@ class SI(CLAlgorithm):
         names = [n for n in self._pending if n in params]
         g = [self._pending[n][0] for n in names]
         after = [params[n].detach().to(t.dtype) for n, t in zip(names, g, strict=True)]
-        delta = torch._foreach_sub(
-            after, [self._pending[n][1].to(t.dtype) for n, t in zip(names, g, strict=True)]
-        )
-        torch._foreach_mul_(delta, g)  # g * delta
+        # In place, in the buffer that held theta before the step: (before - after) * g is exactly
+        # -(g * delta) (negation is exact), so omega += it equals omega -= g * delta bit for bit.
+        minus_delta = [self._pending[n][1] for n in names]
+        torch._foreach_sub_(minus_delta, after)
+        torch._foreach_mul_(minus_delta, g)
         if getattr(self, "_amp", False):
             # A step skipped on an AMP overflow has delta 0 and an inf gradient: count it as 0, not NaN.
-            for t in delta:
+            for t in minus_delta:
                 t.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
-        for n, t in zip(names, delta, strict=True):
+        for n, t in zip(names, minus_delta, strict=True):
             if n not in self._omega:
                 self._omega[n] = torch.zeros_like(t)
-        omega = [self._to(self._omega, n, t) for n, t in zip(names, delta, strict=True)]
-        torch._foreach_sub_(omega, delta)  # omega += -g * delta
+        omega = [self._to(self._omega, n, t) for n, t in zip(names, minus_delta, strict=True)]
+        torch._foreach_add_(omega, minus_delta)  # omega += -g * delta
         self._pending = {}
 
     @staticmethod
