@@ -93,6 +93,30 @@ def test_importance_equals_hand_computed_path_integral() -> None:
     assert algo.tasks_consolidated == [0, 1]
 
 
+def test_the_penalty_forwards_term_reused_after_backward_gives_the_same_bits() -> None:
+    """after_backward takes Omega (theta - theta*) from the penalty's forward when it ran this step;
+    recomputing it instead (no penalty this step) gives a bit-identical path integral."""
+    t0, t1 = torch.tensor([1.0, 0.0, 1.0], dtype=torch.float64), torch.tensor([-1.0, 1.0, 0.0]).double()
+    runs = []
+    for reuse in (True, False):
+        module, algo = FakeModule(), SI(si_c=0.5, xi=0.01)
+        train(algo, module, t0, steps=4)
+        algo.on_task_end(0, ctx(module, 0))
+        if not reuse:
+            penalty = algo.penalty
+
+            def penalty_without_reuse(*args, _penalty=penalty, _algo=algo):
+                out = _penalty(*args)
+                assert _algo._weighted is not None  # the fused path kept it...
+                _algo._weighted = None  # ...and after_backward must recompute it
+                return out
+
+            algo.penalty = penalty_without_reuse
+        train(algo, module, t1, steps=5)
+        runs.append(algo.path_integral()["w"])
+    assert torch.equal(runs[0], runs[1])
+
+
 def test_penalty_zero_at_anchor_and_hand_formula_elsewhere() -> None:
     module, algo = FakeModule(), SI(si_c=2.0)
     assert algo.penalty(module, {}, {}) is None

@@ -19,10 +19,17 @@ from torch import Tensor
 class _FusedQuadratic(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx, c: float, weights: Sequence[Tensor], anchors: Sequence[Tensor], *params: Tensor
+        ctx,
+        c: float,
+        weights: Sequence[Tensor],
+        anchors: Sequence[Tensor],
+        keep: list[Tensor] | None,
+        *params: Tensor,
     ) -> Tensor:
         diff = torch._foreach_sub(list(params), list(anchors))
         weighted = torch._foreach_mul(diff, list(weights))  # w (theta - theta*): the gradient's shape
+        if keep is not None:
+            keep.extend(weighted)
         torch._foreach_mul_(diff, weighted)  # w (theta - theta*)^2 >= 0 (w >= 0)
         # The L1 norm of a non-negative tensor is its sum: one fused reduction over every tensor.
         total = torch.stack(torch._foreach_norm(diff, 1)).sum()
@@ -33,21 +40,26 @@ class _FusedQuadratic(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         grads = torch._foreach_mul(ctx.weighted, grad_out * (2.0 * ctx.c))
         ctx.weighted = None
-        return (None, None, None, *grads)
+        return (None, None, None, None, *grads)
 
 
 def quadratic_penalty(
-    c: float, params: Sequence[Tensor], weights: Sequence[Tensor], anchors: Sequence[Tensor]
+    c: float,
+    params: Sequence[Tensor],
+    weights: Sequence[Tensor],
+    anchors: Sequence[Tensor],
+    keep: list[Tensor] | None = None,
 ) -> Tensor:
     """``c * sum_i sum(w_i * (params_i - anchors_i)^2)``, differentiable in ``params``; ``w >= 0``.
 
     ``weights`` and ``anchors`` must match ``params`` in shape, dtype and device (callers move their
     state once). Falls back to per-tensor arithmetic when dtypes differ across tensors, which the fused
-    kernels do not mix.
+    kernels do not mix. With ``keep`` (an empty list), the fused path appends ``w_i (params_i -
+    anchors_i)`` to it, detached: half the penalty's gradient, which SI needs again after backward.
     """
     if not params:
         raise ValueError("quadratic_penalty needs at least one parameter.")
     if len({p.dtype for p in params}) > 1:
         terms = [(w * (p - a).square()).sum() for p, w, a in zip(params, weights, anchors, strict=True)]
         return sum(terms[1:], terms[0]) * c
-    return _FusedQuadratic.apply(float(c), list(weights), list(anchors), *params)
+    return _FusedQuadratic.apply(float(c), list(weights), list(anchors), keep, *params)

@@ -89,6 +89,7 @@ class SI(CLAlgorithm):
         self._start: dict[str, Tensor] = {}  # theta at the start of the current task
         self._pending: dict[str, tuple[Tensor, Tensor]] = {}  # name -> (gradient, theta before the step)
         self._buffers: dict[str, tuple[Tensor, Tensor]] = {}  # the storage of _pending, reused each step
+        self._weighted: tuple[list[str], list[Tensor]] | None = None  # from this step's penalty forward
         self._module: Any = None
         self._amp = False  # the pending step ran under an fp16 loss scale (overflow steps possible)
         self.tasks_consolidated: list[int] = []
@@ -113,6 +114,7 @@ class SI(CLAlgorithm):
         if not self._start:
             self._start = {n: p.detach().clone() for n, p in params.items()}
         names = [n for n, p in params.items() if p.grad is not None]  # unused: the optimizer skips it
+        kept, self._weighted = self._weighted, None  # valid for this step only
         if not names:
             self._pending = {}
             return
@@ -133,14 +135,18 @@ class SI(CLAlgorithm):
         penalized = [i for i, n in enumerate(names) if n in self._big_omega]
         if penalized and self.si_c != 0.0:
             # p.grad holds the total loss's gradient; SI's own penalty gradient 2c Omega (theta - theta*)
-            # is known exactly, so the task loss's gradient is recovered by subtracting it. The shift
-            # is computed in the ``before`` buffers, which are filled only afterwards.
-            shift = [before[i] for i in penalized]
-            omegas = [self._to(self._big_omega, names[i], ps[i]) for i in penalized]
-            anchors = [self._to(self._anchor, names[i], ps[i]) for i in penalized]
-            torch._foreach_copy_(shift, [ps[i] for i in penalized])
-            torch._foreach_sub_(shift, anchors)
-            torch._foreach_mul_(shift, omegas)
+            # is known exactly, so the task loss's gradient is recovered by subtracting it. The penalty's
+            # forward already computed Omega (theta - theta*) (the same kernels, so the same bits); without
+            # it (no penalty this step) it is computed in the ``before`` buffers, filled only afterwards.
+            if kept is not None and kept[0] == [names[i] for i in penalized]:
+                shift = kept[1]
+            else:
+                shift = [before[i] for i in penalized]
+                omegas = [self._to(self._big_omega, names[i], ps[i]) for i in penalized]
+                anchors = [self._to(self._anchor, names[i], ps[i]) for i in penalized]
+                torch._foreach_copy_(shift, [ps[i] for i in penalized])
+                torch._foreach_sub_(shift, anchors)
+                torch._foreach_mul_(shift, omegas)
             torch._foreach_add_([g_list[i] for i in penalized], shift, alpha=-2.0 * self.si_c)
         torch._foreach_copy_(before, ps)
         self._pending = {n: (g, b) for n, g, b in zip(names, g_list, before, strict=True)}
@@ -197,13 +203,21 @@ class SI(CLAlgorithm):
         """``c * sum_i Omega_i (theta_i - theta*_i)^2``; None before the first task ends."""
         if not self._big_omega or self.si_c == 0.0:
             return None
-        ps, omegas, anchors = [], [], []
+        names, ps, omegas, anchors = [], [], [], []
         for n, p in module.policy.named_parameters():
             if n in self._big_omega:
+                names.append(n)
                 ps.append(p)
                 omegas.append(self._to(self._big_omega, n, p).to(p.dtype))
                 anchors.append(self._to(self._anchor, n, p).to(p.dtype))
-        return quadratic_penalty(self.si_c, ps, omegas, anchors) if ps else None
+        if not ps:
+            return None
+        keep: list[Tensor] = []
+        loss = quadratic_penalty(self.si_c, ps, omegas, anchors, keep=keep)
+        # Omega (theta - theta*), for after_backward (only where it has the gradients' dtype).
+        wide = all(p.dtype == torch.promote_types(p.dtype, torch.float32) for p in ps)
+        self._weighted = (names, keep) if keep and wide and torch.is_grad_enabled() else None
+        return loss
 
     # ---- task boundary --------------------------------------------------------------------------
 
