@@ -280,6 +280,8 @@ def main() -> None:
         claim_sweep(out, base)
         for index, algo, seed in jobs(args.algorithms.split(","), args.seeds, args.order):
             run_one(python, out, index, algo, seed, base, args.experiment)
+    for d in sorted(out.glob("*_algorithm=*,seed=*")):  # also after an interrupted stretch
+        record(d, d.name.split("algorithm=")[1].split(",")[0], args.experiment)
     found, stale, seconds = collect(out, args.experiment)
     n = sum(len(v) for v in found.values())
     text = (

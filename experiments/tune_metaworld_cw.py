@@ -198,7 +198,9 @@ def main() -> None:
     p.add_argument(
         "--experiment", default=EXPERIMENT, help="the validation recipe (another one only to try it)"
     )
-    p.add_argument("--summary-only", action="store_true", help="run nothing; summarize what finished")
+    p.add_argument(
+        "--summary-only", action="store_true", help="run nothing; record and summarize what finished"
+    )
     p.add_argument(
         "--apply", action="store_true", help="write the chosen values into conf/algorithm_settings"
     )
@@ -220,7 +222,8 @@ def main() -> None:
             todo = pending(algo, out / algo, args.experiment)
             if todo:
                 launch(python, algo, todo, out / algo, args.overrides, args.experiment)
-            record(algo, out / algo, args.experiment)
+    for algo in algos:  # also after an interrupted stretch: --summary-only records what finished
+        record(algo, out / algo, args.experiment)
     lines = ["| algorithm | value(s) | val ACC ↑ | val BWT ↑ | chosen |", "|---|---|---:|---:|---|"]
     for algo in algos:
         rows = results(algo, out / algo, args.experiment)
