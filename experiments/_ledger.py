@@ -28,7 +28,8 @@ def read(name: str) -> list[dict[str, Any]]:
 
 
 def append(name: str, entry: dict[str, Any]) -> None:
-    """Add ``entry`` with when, where (core count only) and on which commit it ran."""
+    """Add ``entry`` with the date, the core count and the commit checked out when it is recorded (the
+    run's own unless the tree moved while it ran)."""
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=False
     ).stdout.strip()
