@@ -71,6 +71,11 @@ def job_name(index: int, algo: str, seed: int) -> str:
     return f"{index:02d}_algorithm={algo},seed={seed}"
 
 
+def algorithm_of(run_dir: Path) -> str:
+    """The algorithm of a run directory named by :func:`job_name`."""
+    return run_dir.name.split("algorithm=")[1].split(",")[0]
+
+
 def jobs(algorithms: list[str], seeds: list[int], order: str) -> list[tuple[int, str, int]]:
     """``(index, algorithm, seed)``; the index is fixed by ALGORITHMS x seeds, whatever the order."""
     index = {(a, s): i for i, (a, s) in enumerate((a, s) for a in ALGORITHMS for s in range(3))}
@@ -130,11 +135,8 @@ def run_one(
     python: str, out: Path, index: int, algo: str, seed: int, base: list[str], experiment: str = EXPERIMENT
 ) -> None:
     run_dir = out / job_name(index, algo, seed)
-    if (run_dir / "results.json").is_file():
-        record(run_dir, algo, experiment)
-        return
-    if in_ledger(algo, seed, experiment):
-        return
+    if (run_dir / "results.json").is_file() or in_ledger(algo, seed, experiment):
+        return  # finished here (main records it) or on some machine
     args = [*base, f"algorithm={algo}", f"seed={seed}", f"hydra.run.dir='{run_dir}'"]
     if (run_dir / "run.json").is_file():  # started before: continue it from its last checkpoint
         args.append(f"resume='{run_dir}'")
@@ -190,10 +192,9 @@ def collect(out: Path, experiment: str = EXPERIMENT) -> tuple[Found, list[str], 
     per finished run left out as stale; the wall seconds of the runs kept."""
     summaries = []
     for d in sorted(out.glob("*_algorithm=*,seed=*")):
-        algo = d.name.split("algorithm=")[1].split(",")[0]
         summary = _ledger.run_summary(d)
         if summary is not None:
-            summaries.append({**summary, "algorithm": algo, "run": d.name})
+            summaries.append({**summary, "algorithm": algorithm_of(d), "run": d.name})
     summaries += _ledger.read(NAME)
     found: dict[str, list[tuple[int, dict]]] = {}
     stale, seen, seconds = [], set(), 0.0
@@ -281,7 +282,7 @@ def main() -> None:
         for index, algo, seed in jobs(args.algorithms.split(","), args.seeds, args.order):
             run_one(python, out, index, algo, seed, base, args.experiment)
     for d in sorted(out.glob("*_algorithm=*,seed=*")):  # also after an interrupted stretch
-        record(d, d.name.split("algorithm=")[1].split(",")[0], args.experiment)
+        record(d, algorithm_of(d), args.experiment)
     found, stale, seconds = collect(out, args.experiment)
     n = sum(len(v) for v in found.values())
     text = (

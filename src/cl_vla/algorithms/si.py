@@ -136,16 +136,14 @@ class SI(CLAlgorithm):
         if penalized and self.si_c != 0.0:
             # p.grad holds the total loss's gradient; SI's own penalty gradient 2c Omega (theta - theta*)
             # is known exactly, so the task loss's gradient is recovered by subtracting it. The penalty's
-            # forward already computed Omega (theta - theta*) (the same kernels, so the same bits); without
-            # it (no penalty this step) it is computed in the ``before`` buffers, filled only afterwards.
+            # forward already computed Omega (theta - theta*) with the same kernels (so the same bits);
+            # without it (no fused penalty this step) it is computed here.
             if kept is not None and kept[0] == [names[i] for i in penalized]:
                 shift = kept[1]
             else:
-                shift = [before[i] for i in penalized]
                 omegas = [self._to(self._big_omega, names[i], ps[i]) for i in penalized]
                 anchors = [self._to(self._anchor, names[i], ps[i]) for i in penalized]
-                torch._foreach_copy_(shift, [ps[i] for i in penalized])
-                torch._foreach_sub_(shift, anchors)
+                shift = torch._foreach_sub([ps[i] for i in penalized], anchors)
                 torch._foreach_mul_(shift, omegas)
             torch._foreach_add_([g_list[i] for i in penalized], shift, alpha=-2.0 * self.si_c)
         torch._foreach_copy_(before, ps)
