@@ -98,6 +98,41 @@ def test_limit_is_sequential_step_plus_the_extra_work():
     assert by["someday"][col["limit"]] == "-" and by["someday"][col["inherent extra work"]] == "-"
 
 
+def test_rounds_pair_each_run_with_the_same_rounds_sequential():
+    """A slow round slows every algorithm of that round: ratios are taken per round, then the median."""
+    prims = {"step": 0.05, "penalty": 0.002}
+    rows = {
+        "sequential": {"rounds": [10.0, 5.0, 8.0], "state_bytes": 0, "stored": 0, "decoded_bytes": 1},
+        "ewc": {"rounds": [9.0, 4.0, 8.0], "state_bytes": 0, "stored": 0, "decoded_bytes": 1},
+    }
+    rows["sequential"]["primitives"] = prims
+    for row in rows.values():
+        row["steps_per_s"] = sorted(row["rounds"])[1]
+    header, cells = bench.bench_rows(rows)
+    col = {h: i for i, h in enumerate(header)}
+    ewc = cells[1]
+    # per round: 10/9, 5/4, 8/8 -> median 1.111; medians of steps/s alone would give 8/8 = 1.000
+    assert ewc[col["time vs sequential"]] == "1.111 (1.00-1.25)"
+    # against each round's limit (its sequential step + 2 ms): 0.1111/0.102, 0.25/0.202, 0.125/0.127
+    assert ewc[col["measured / limit"]] == f"{(1 / 9) / 0.102:.3f}"
+    assert cells[0][col["time vs sequential"]] == "1.000 (1.00-1.00)"
+
+
+def test_rounds_run_every_algorithm_once_a_round_in_order(monkeypatch):
+    calls = []
+
+    def fake_run_one(algo, args, out, primitives=False):
+        calls.append((algo, primitives))
+        return {"steps_per_s": float(len(calls)), "state_bytes": 0, "stored": 0, "decoded_bytes": 1}
+
+    monkeypatch.setattr(bench, "run_one", fake_run_one)
+    rows = bench.run_bench(["sequential", "si"], bench.BenchArgs(rounds=3), bench.Console(quiet=True))
+    assert calls == [("sequential", True), ("si", False)] + [("sequential", False), ("si", False)] * 2
+    assert rows["si"]["rounds"] == [2.0, 4.0, 6.0] and rows["si"]["steps_per_s"] == 4.0
+    with pytest.raises(SystemExit):
+        bench.main(["--rounds", "0"])
+
+
 def test_extra_seconds_adds_and_subtracts_primitives():
     from cl_vla.benchmarks.inherent import extra_seconds
 

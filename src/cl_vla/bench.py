@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -83,6 +84,7 @@ class BenchArgs:
     model: str = "tiny_vla"
     memory_batch: int | None = None  # None: the training batch
     reps: int = 20  # rounds of the primitive timings
+    rounds: int = 1  # runs of every algorithm, interleaved; ratios are medians of per-round ratios
     threads: int | None = None  # torch threads the figures were measured with (None: this process's)
     overrides: list[str] = field(default_factory=list)
 
@@ -159,12 +161,21 @@ def time_primitives(module: Any, data: Any, args: BenchArgs) -> dict[str, float]
 
 
 def run_bench(algos: list[str], args: BenchArgs, console: Console) -> dict[str, dict]:
-    """Every algorithm's row; the primitives are timed after ``sequential``'s run."""
+    """Every algorithm's row; the primitives are timed after ``sequential``'s first run.
+
+    With ``args.rounds`` > 1 every algorithm runs once a round, in the same order each round, so a
+    slow spell of a shared machine hits one round of each, not one algorithm: ``row["rounds"]`` holds
+    each round's steps/s and ``row["steps_per_s"]`` their median."""
     rows: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="cl_vla_bench_") as tmp:
-        for algo in algos:
-            console.print(f"[bold]bench[/]: {algo} ({args.steps} steps/task, batch {args.batch})")
-            rows[algo] = run_one(algo, args, Path(tmp), primitives=algo == "sequential")
+        for r in range(args.rounds):
+            for algo in algos:
+                where = f"round {r + 1}/{args.rounds}, " if args.rounds > 1 else ""
+                console.print(f"[bold]bench[/]: {algo} ({where}{args.steps} steps/task, batch {args.batch})")
+                row = run_one(algo, args, Path(tmp) / f"round{r}", primitives=algo == "sequential" and r == 0)
+                rows.setdefault(algo, row).setdefault("rounds", []).append(row["steps_per_s"])
+    for row in rows.values():
+        row["steps_per_s"] = statistics.median(row["rounds"])
     return rows
 
 
@@ -177,6 +188,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     p.add_argument("--model", default="tiny_vla", help="a conf/model choice, e.g. smolvla_tiny")
     p.add_argument("--memory-batch", type=int, help="GEM / A-GEM memory batch (default: --batch)")
     p.add_argument("--reps", type=int, default=20, help="rounds of the inherent-cost timings")
+    p.add_argument(
+        "--rounds", type=int, default=1, help="runs of every algorithm, interleaved (ratios: medians)"
+    )
     p.add_argument("--markdown", type=Path, help="also write the tables as Markdown to this file")
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides")
     a = p.parse_args(argv)
@@ -192,9 +206,20 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     unknown = [x for x in algos if x not in known]
     if unknown:
         p.error(f"unknown algorithm(s) {', '.join(unknown)}; choose from {', '.join(known)} or 'all'.")
+    if a.rounds < 1:
+        p.error(f"--rounds must be at least 1, got {a.rounds}.")
     if "sequential" in algos:  # its run yields the trained policy the primitives are timed on
         algos = ["sequential", *(x for x in algos if x != "sequential")]
-    args = BenchArgs(a.steps, a.batch, a.workers, a.model, a.memory_batch, a.reps, list(a.overrides))
+    args = BenchArgs(
+        a.steps,
+        a.batch,
+        a.workers,
+        a.model,
+        a.memory_batch,
+        a.reps,
+        rounds=a.rounds,
+        overrides=list(a.overrides),
+    )
     # Logs and CI have no terminal width; keep the table on one line per algorithm there.
     console = Console(width=None if sys.stdout.isatty() else 160)
     rows = run_bench(algos, args, console)
@@ -213,9 +238,14 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
 
 def title_of(args: BenchArgs) -> str:
     threads = args.threads or torch.get_num_threads()
+    rounds = (
+        f", median of {args.rounds} interleaved rounds (per-round ratios, min-max in brackets)"
+        if args.rounds > 1
+        else ""
+    )
     return (
         f"task-2 steady-state training speed, {args.model}, batch {args.batch}, {args.workers} workers, "
-        f"{threads} threads, {args.steps} steps/task"
+        f"{threads} threads, {args.steps} steps/task{rounds}"
     )
 
 
@@ -267,27 +297,42 @@ def bench_rows(rows: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
     ]
     cells = []
     for algo, r in rows.items():
-        t = 1.0 / r["steps_per_s"]
         extra = extra_seconds(algo, prims) if prims else None
-        limit = None if extra is None else base + extra
+        vs_base, vs_limit = _paired_ratios(r, base_row, extra)
         per = r["state_bytes"] / r["stored"] if r["stored"] else None
         work = EXTRA_WORK.get(algo)
+        time_cell = f"{statistics.median(vs_base):.3f}"
+        if len(vs_base) > 1:
+            time_cell += f" ({min(vs_base):.2f}-{max(vs_base):.2f})"
+        within = None if extra is None else statistics.median(vs_limit)
         cells.append(
             [
                 algo,
                 f"{r['steps_per_s']:.2f}",
-                f"{t / base:.3f}",
+                time_cell,
                 work.what if work else "-",
                 "-" if extra is None else f"{extra * 1e3:.1f}",
-                "-" if limit is None else f"{limit / base:.3f}",
-                "-" if limit is None else f"{t / limit:.3f}",
-                "-" if limit is None else ("yes" if t / limit <= WITHIN else "NO"),
+                "-" if extra is None else f"{(base + extra) / base:.3f}",
+                "-" if within is None else f"{within:.3f}",
+                "-" if within is None else ("yes" if within <= WITHIN else "NO"),
                 _size(r["state_bytes"]),
                 str(r["stored"]) if r["stored"] else "-",
                 f"{per:.1f}" if per else "-",
             ]
         )
     return header, cells
+
+
+def _paired_ratios(row: dict, base_row: dict, extra: float | None) -> tuple[list[float], list[float]]:
+    """Per round: the step time over the base's step time of the same round, and over the same
+    round's limit (base step + ``extra``). One value each without rounds."""
+    times = [1.0 / s for s in row.get("rounds", [row["steps_per_s"]])]
+    bases = [1.0 / s for s in base_row.get("rounds", [base_row["steps_per_s"]])]
+    if len(bases) != len(times):  # rows of different benches: compare medians
+        times, bases = [1.0 / row["steps_per_s"]], [1.0 / base_row["steps_per_s"]]
+    vs_base = [t / b for t, b in zip(times, bases, strict=True)]
+    vs_limit = [t / (b + extra) for t, b in zip(times, bases, strict=True)] if extra is not None else []
+    return vs_base, vs_limit
 
 
 def _size(n: int) -> str:

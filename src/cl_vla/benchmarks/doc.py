@@ -72,12 +72,13 @@ def _conditions(meta: dict[str, Any]) -> str:
 
 
 def run_section(
-    name: str, steps: int | None = None, algorithms: str = "all", reps: int = 20
+    name: str, steps: int | None = None, algorithms: str = "all", reps: int = 20, rounds: int = 1
 ) -> dict[str, Any]:
     """Measure one section; returns its figures and the conditions they were measured in.
 
-    ``steps``, ``algorithms`` and ``reps`` shorten the bench sections (a loaded machine, a quick look);
-    what was used is saved with the figures and printed in the document."""
+    ``steps``, ``algorithms`` and ``reps`` shorten the bench sections (a loaded machine, a quick look),
+    ``rounds`` repeats them (interleaved) for ratios that hold beyond one run's noise; what was used
+    is saved with the figures and printed in the document."""
     import torch
     from rich.console import Console
 
@@ -86,7 +87,7 @@ def run_section(
         from cl_vla.bench import BenchArgs, run_bench
         from cl_vla.paths import conf_dir
 
-        settings = {**_BENCH[name], **({"steps": steps} if steps else {}), "reps": reps}
+        settings = {**_BENCH[name], **({"steps": steps} if steps else {}), "reps": reps, "rounds": rounds}
         args = BenchArgs(**settings)
         known = sorted(q.stem for q in (conf_dir() / "algorithm").glob("*.yaml"))
         chosen = known if algorithms == "all" else algorithms.split(",")
@@ -178,6 +179,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, help="steps per task of the bench sections (default: theirs)")
     p.add_argument("--algorithms", default="all", help="comma-separated algorithms of the bench sections")
     p.add_argument("--reps", type=int, default=20, help="rounds of the inherent-cost timings")
+    p.add_argument("--rounds", type=int, default=1, help="interleaved runs of every bench algorithm")
     a = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     sections = [s for s in a.sections.split(",") if s]
@@ -187,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
     a.results.mkdir(parents=True, exist_ok=True)
     if not a.render_only:
         for name in sections:
-            figures = run_section(name, a.steps, a.algorithms, a.reps)
+            figures = run_section(name, a.steps, a.algorithms, a.reps, a.rounds)
             (a.results / f"{name}.json").write_text(json.dumps(figures, indent=1))
     saved = {
         name: json.loads((a.results / f"{name}.json").read_text())
