@@ -32,12 +32,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import _driver
 import _ledger
 import numpy as np
 
@@ -266,15 +266,8 @@ def main() -> None:
     p.add_argument("--plot", type=Path, default=None, help="the plot (default: <out>/table.png)")
     p.add_argument("overrides", nargs="*", help="Hydra overrides for every run (after --)")
     args = p.parse_args()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("WANDB_MODE", "offline")
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
     out = args.out.resolve()
-    python = os.environ.get("PYTHON") or (
-        str(REPO / ".venv" / "bin" / "python")
-        if (REPO / ".venv" / "bin" / "python").exists()
-        else sys.executable
-    )
+    python = _driver.offline_python()
     if not args.table_only:
         out.mkdir(parents=True, exist_ok=True)
         base = base_overrides(out, args.overrides, args.experiment)

@@ -26,13 +26,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
 from itertools import product
 from pathlib import Path
 
+import _driver
 import _ledger
 
 REPO = Path(__file__).resolve().parents[1]
@@ -207,14 +207,7 @@ def main() -> None:
     p.add_argument("--markdown", type=Path, default=None, help="write the summary table here")
     p.add_argument("overrides", nargs="*", help="Hydra overrides for every run (after --)")
     args = p.parse_args()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("WANDB_MODE", "offline")
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    python = os.environ.get("PYTHON") or (
-        str(REPO / ".venv" / "bin" / "python")
-        if (REPO / ".venv" / "bin" / "python").exists()
-        else sys.executable
-    )
+    python = _driver.offline_python()
     algos = args.algorithms.split(",")
     out = args.out.resolve()
     if not args.summary_only:
