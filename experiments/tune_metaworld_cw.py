@@ -179,8 +179,9 @@ def choose(rows: list[tuple[dict[str, str], dict | None]]) -> dict[str, str] | N
 
 def write_setting(algo: str, pt: dict[str, str], rows: list) -> None:
     path = SETTINGS / f"{algo}.yaml"
+    replaced = (*(f"{k}:" for k in pt), "# tuned by ")  # re-applying replaces, never stacks
     lines = (
-        [line for line in path.read_text().splitlines() if not line.startswith(tuple(f"{k}:" for k in pt))]
+        [line for line in path.read_text().splitlines() if not line.startswith(replaced)]
         if path.is_file()
         else []
     )

@@ -118,17 +118,50 @@ def test_rounds_pair_each_run_with_the_same_rounds_sequential():
     assert cells[0][col["time vs sequential"]] == "1.000 (1.00-1.00)"
 
 
+def test_calibration_cancels_a_machine_that_sped_up_between_runs():
+    """Round 2: the machine got 1.5x faster after sequential ran, which alone would make ewc look
+    0.8x; in units of the reference step timed after each run it is 1.2x, as in round 1."""
+    prims = {"step": 0.05, "penalty": 0.002}
+    rows = {
+        "sequential": {"rounds": [10.0, 10.0], "calibrations": [0.05, 0.05], "primitives": prims},
+        "ewc": {"rounds": [1 / 0.12, 1 / 0.08], "calibrations": [0.05, 0.05 / 1.5]},
+    }
+    for row in rows.values():
+        row.update(steps_per_s=row["rounds"][0], state_bytes=0, stored=0, decoded_bytes=1)
+    header, cells = bench.bench_rows(rows)
+    col = {h: i for i, h in enumerate(header)}
+    assert cells[1][col["time vs sequential"]] == "1.200 (1.20-1.20)"
+    # limit: 0.1 s + 2 ms, i.e. 2 + 0.04 reference steps: 1.02 either way
+    assert cells[1][col["limit"]] == "1.020"
+    assert cells[1][col["measured / limit"]] == f"{1.2 / 1.02:.3f}"
+    title = bench.bench_tables(rows, bench.BenchArgs(rounds=2))[0][0]
+    assert "reference step" in title
+
+
 def test_rounds_run_every_algorithm_once_a_round_in_order(monkeypatch):
     calls = []
 
-    def fake_run_one(algo, args, out, primitives=False):
+    class Reference:  # the plain step the calibration times after every run
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def step(self) -> None:
+            self.calls += 1
+
+    reference = Reference()
+
+    def fake_run_one(algo, args, out, primitives=False, keep=None):
         calls.append((algo, primitives))
+        if primitives:
+            keep["primitives"] = reference
         return {"steps_per_s": float(len(calls)), "state_bytes": 0, "stored": 0, "decoded_bytes": 1}
 
     monkeypatch.setattr(bench, "run_one", fake_run_one)
     rows = bench.run_bench(["sequential", "si"], bench.BenchArgs(rounds=3), bench.Console(quiet=True))
     assert calls == [("sequential", True), ("si", False)] + [("sequential", False), ("si", False)] * 2
     assert rows["si"]["rounds"] == [2.0, 4.0, 6.0] and rows["si"]["steps_per_s"] == 4.0
+    assert len(rows["si"]["calibrations"]) == len(rows["sequential"]["calibrations"]) == 3
+    assert reference.calls == 6 * 12  # 10 timed + 2 warm-up calls after each of the 6 runs
     with pytest.raises(SystemExit):
         bench.main(["--rounds", "0"])
 

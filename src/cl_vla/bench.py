@@ -110,9 +110,12 @@ def _overrides(algo: str, args: BenchArgs) -> list[str]:
     return [*out, *args.overrides]
 
 
-def run_one(algo: str, args: BenchArgs, out: Path, primitives: bool = False) -> dict:
+def run_one(
+    algo: str, args: BenchArgs, out: Path, primitives: bool = False, keep: dict | None = None
+) -> dict:
     """Train ``algo`` through the two tasks; with ``primitives``, then time the inherent primitives
-    on the trained policy (``row["primitives"]``: name -> median seconds)."""
+    on the trained policy (``row["primitives"]``: name -> median seconds; ``keep["primitives"]``: the
+    :class:`~cl_vla.benchmarks.inherent.Primitives` they were timed with)."""
     from cl_vla.training.in_process import run_in_process
 
     stamps: list[float] = []
@@ -128,11 +131,13 @@ def run_one(algo: str, args: BenchArgs, out: Path, primitives: bool = False) -> 
         "decoded_bytes": _decoded_bytes(data.train_dataset(0)),
     }
     if primitives and "module" in seen:
-        row["primitives"] = time_primitives(seen["module"], data, args)
+        row["primitives"], prims = time_primitives(seen["module"], data, args)
+        if keep is not None:
+            keep["primitives"] = prims
     return row
 
 
-def time_primitives(module: Any, data: Any, args: BenchArgs) -> dict[str, float]:
+def time_primitives(module: Any, data: Any, args: BenchArgs) -> tuple[dict[str, float], Any]:
     """Median seconds of every primitive of :mod:`cl_vla.benchmarks.inherent` on ``module``'s policy."""
     import numpy as np
     from torch.utils.data import default_collate
@@ -157,7 +162,15 @@ def time_primitives(module: Any, data: Any, args: BenchArgs) -> dict[str, float]
         grad_clip=float(clip) if clip else None,
         lora=PerTaskLoRA().settings,
     )
-    return measure_primitives(prims, reps=args.reps)
+    return measure_primitives(prims, reps=args.reps), prims
+
+
+def calibration_seconds(prims: Any, reps: int = 10) -> float:
+    """Median seconds of one fixed plain training step (the same policy copy and batch every time):
+    how fast the machine is right now, so runs minutes apart can be compared (see :func:`run_bench`)."""
+    from cl_vla.benchmarks.inherent import time_interleaved
+
+    return time_interleaved({"step": prims.step}, reps)["step"]
 
 
 def run_bench(algos: list[str], args: BenchArgs, console: Console) -> dict[str, dict]:
@@ -165,15 +178,25 @@ def run_bench(algos: list[str], args: BenchArgs, console: Console) -> dict[str, 
 
     With ``args.rounds`` > 1 every algorithm runs once a round, in the same order each round, so a
     slow spell of a shared machine hits one round of each, not one algorithm: ``row["rounds"]`` holds
-    each round's steps/s and ``row["steps_per_s"]`` their median."""
+    each round's steps/s and ``row["steps_per_s"]`` their median.
+
+    A shared machine's speed also drifts between runs a minute apart (the same code measured 5.7 and
+    8.5 steps/s within one bench). So right after each run the bench times one fixed plain training
+    step (:func:`calibration_seconds`, ``row["calibrations"]``), and the ratios compare step times in
+    units of that reference step: a machine that got faster between two runs does not flatter the
+    second one."""
     rows: dict[str, dict] = {}
+    keep: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="cl_vla_bench_") as tmp:
         for r in range(args.rounds):
             for algo in algos:
                 where = f"round {r + 1}/{args.rounds}, " if args.rounds > 1 else ""
                 console.print(f"[bold]bench[/]: {algo} ({where}{args.steps} steps/task, batch {args.batch})")
-                row = run_one(algo, args, Path(tmp) / f"round{r}", primitives=algo == "sequential" and r == 0)
+                first_seq = algo == "sequential" and r == 0
+                row = run_one(algo, args, Path(tmp) / f"round{r}", primitives=first_seq, keep=keep)
                 rows.setdefault(algo, row).setdefault("rounds", []).append(row["steps_per_s"])
+                if "primitives" in keep:
+                    rows[algo].setdefault("calibrations", []).append(calibration_seconds(keep["primitives"]))
     for row in rows.values():
         row["steps_per_s"] = statistics.median(row["rounds"])
     return rows
@@ -236,13 +259,15 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     return rows
 
 
-def title_of(args: BenchArgs) -> str:
+def title_of(args: BenchArgs, calibrated: bool = False) -> str:
     threads = args.threads or torch.get_num_threads()
     rounds = (
         f", median of {args.rounds} interleaved rounds (per-round ratios, min-max in brackets)"
         if args.rounds > 1
         else ""
     )
+    if calibrated:
+        rounds += ", each run's time in units of a reference step timed right after it"
     return (
         f"task-2 steady-state training speed, {args.model}, batch {args.batch}, {args.workers} workers, "
         f"{threads} threads, {args.steps} steps/task{rounds}"
@@ -252,7 +277,8 @@ def title_of(args: BenchArgs) -> str:
 def bench_tables(rows: dict[str, dict], args: BenchArgs) -> list[tuple[str, list[str], list[list[str]]]]:
     """The speed table (with limits when ``sequential`` ran) and the primitives' table, if timed."""
     header, cells = bench_rows(rows)
-    tables = [(title_of(args), header, cells)]
+    calibrated = all(len(r.get("calibrations", [])) == len(r.get("rounds", [0])) for r in rows.values())
+    tables = [(title_of(args, calibrated), header, cells)]
     prims = rows.get("sequential", {}).get("primitives")
     if prims:
         tables.append(
@@ -279,7 +305,6 @@ def bench_rows(rows: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
     from cl_vla.benchmarks.inherent import EXTRA_WORK, extra_seconds
 
     base_row = rows.get("sequential", next(iter(rows.values())))
-    base = 1.0 / base_row["steps_per_s"]
     prims = base_row.get("primitives")
     decoded = next(iter(rows.values()))["decoded_bytes"]
     header = [
@@ -298,7 +323,7 @@ def bench_rows(rows: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
     cells = []
     for algo, r in rows.items():
         extra = extra_seconds(algo, prims) if prims else None
-        vs_base, vs_limit = _paired_ratios(r, base_row, extra)
+        vs_base, vs_limit, limits = _paired_ratios(r, base_row, extra)
         per = r["state_bytes"] / r["stored"] if r["stored"] else None
         work = EXTRA_WORK.get(algo)
         time_cell = f"{statistics.median(vs_base):.3f}"
@@ -312,7 +337,7 @@ def bench_rows(rows: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
                 time_cell,
                 work.what if work else "-",
                 "-" if extra is None else f"{extra * 1e3:.1f}",
-                "-" if extra is None else f"{(base + extra) / base:.3f}",
+                "-" if extra is None else f"{statistics.median(limits):.3f}",
                 "-" if within is None else f"{within:.3f}",
                 "-" if within is None else ("yes" if within <= WITHIN else "NO"),
                 _size(r["state_bytes"]),
@@ -323,16 +348,28 @@ def bench_rows(rows: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
     return header, cells
 
 
-def _paired_ratios(row: dict, base_row: dict, extra: float | None) -> tuple[list[float], list[float]]:
+def _paired_ratios(
+    row: dict, base_row: dict, extra: float | None
+) -> tuple[list[float], list[float], list[float]]:
     """Per round: the step time over the base's step time of the same round, and over the same
-    round's limit (base step + ``extra``). One value each without rounds."""
+    round's limit (base step + ``extra``), and that limit over the base step. One value each without
+    rounds. Where both rows carry a
+    calibration for every round, times are in units of the reference step timed right after each run
+    (``extra`` in units of the one timed after the base's first run, where the primitives were)."""
     times = [1.0 / s for s in row.get("rounds", [row["steps_per_s"]])]
     bases = [1.0 / s for s in base_row.get("rounds", [base_row["steps_per_s"]])]
     if len(bases) != len(times):  # rows of different benches: compare medians
         times, bases = [1.0 / row["steps_per_s"]], [1.0 / base_row["steps_per_s"]]
+    cal, base_cal = row.get("calibrations", []), base_row.get("calibrations", [])
+    if len(cal) == len(times) and len(base_cal) == len(bases):
+        times = [t / c for t, c in zip(times, cal, strict=True)]
+        bases = [b / c for b, c in zip(bases, base_cal, strict=True)]
+        extra = None if extra is None else extra / base_cal[0]
     vs_base = [t / b for t, b in zip(times, bases, strict=True)]
-    vs_limit = [t / (b + extra) for t, b in zip(times, bases, strict=True)] if extra is not None else []
-    return vs_base, vs_limit
+    if extra is None:
+        return vs_base, [], []
+    vs_limit = [t / (b + extra) for t, b in zip(times, bases, strict=True)]
+    return vs_base, vs_limit, [(b + extra) / b for b in bases]
 
 
 def _size(n: int) -> str:
