@@ -144,9 +144,13 @@ def test_rounds_run_every_algorithm_once_a_round_in_order(monkeypatch):
     class Reference:  # the plain step the calibration times after every run
         def __init__(self) -> None:
             self.calls = 0
+            self.params = [torch.zeros(1)]
 
         def step(self) -> None:
             self.calls += 1
+
+        def callables(self) -> dict:
+            return {"step": self.step, "penalty": lambda: None}
 
     reference = Reference()
 
@@ -164,6 +168,10 @@ def test_rounds_run_every_algorithm_once_a_round_in_order(monkeypatch):
     assert reference.calls == 6 * 12  # 10 timed + 2 warm-up calls after each of the 6 runs
     with pytest.raises(SystemExit):
         bench.main(["--rounds", "0"])
+    from cl_vla.benchmarks import doc
+
+    with pytest.raises(SystemExit):
+        doc.main(["--rounds", "0", "--render-only"])
 
 
 def test_extra_seconds_adds_and_subtracts_primitives():

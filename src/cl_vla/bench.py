@@ -168,9 +168,9 @@ def time_primitives(module: Any, data: Any, args: BenchArgs) -> tuple[dict[str, 
 def calibration_seconds(prims: Any, reps: int = 10) -> float:
     """Median seconds of one fixed plain training step (the same policy copy and batch every time):
     how fast the machine is right now, so runs minutes apart can be compared (see :func:`run_bench`)."""
-    from cl_vla.benchmarks.inherent import time_interleaved
+    from cl_vla.benchmarks.inherent import measure_primitives
 
-    return time_interleaved({"step": prims.step}, reps)["step"]
+    return measure_primitives(prims, reps, names=("step",))["step"]
 
 
 def run_bench(algos: list[str], args: BenchArgs, console: Console) -> dict[str, dict]:
@@ -351,11 +351,11 @@ def bench_rows(rows: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
 def _paired_ratios(
     row: dict, base_row: dict, extra: float | None
 ) -> tuple[list[float], list[float], list[float]]:
-    """Per round: the step time over the base's step time of the same round, and over the same
-    round's limit (base step + ``extra``), and that limit over the base step. One value each without
-    rounds. Where both rows carry a
-    calibration for every round, times are in units of the reference step timed right after each run
-    (``extra`` in units of the one timed after the base's first run, where the primitives were)."""
+    """Per round: the step time over the base's step time of the same round, over the same round's
+    limit (base step + ``extra``), and that limit over the base step; one value each without rounds.
+    Where both rows carry a calibration for every round, times are in units of the reference step
+    timed right after each run (``extra`` in units of the one timed after the base's first run, where
+    the primitives were)."""
     times = [1.0 / s for s in row.get("rounds", [row["steps_per_s"]])]
     bases = [1.0 / s for s in base_row.get("rounds", [base_row["steps_per_s"]])]
     if len(bases) != len(times):  # rows of different benches: compare medians

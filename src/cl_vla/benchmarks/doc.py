@@ -186,6 +186,8 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [s for s in sections if s not in SECTIONS]
     if unknown:
         p.error(f"unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}.")
+    if a.rounds < 1:
+        p.error(f"--rounds must be at least 1, got {a.rounds}.")
     a.results.mkdir(parents=True, exist_ok=True)
     if not a.render_only:
         for name in sections:

@@ -339,11 +339,17 @@ class Primitives:
         return {n: getattr(self, n) for n in names}
 
 
-def measure_primitives(primitives: Primitives, reps: int = 20) -> dict[str, float]:
-    """Median seconds per call of every primitive, interleaved (see :func:`time_interleaved`)."""
+def measure_primitives(
+    primitives: Primitives, reps: int = 20, names: tuple[str, ...] | None = None
+) -> dict[str, float]:
+    """Median seconds per call of every primitive (or only ``names``), interleaved (see
+    :func:`time_interleaved`)."""
     device = primitives.params[0].device
     sync = torch.cuda.synchronize if device.type == "cuda" else None
-    return time_interleaved(primitives.callables(), reps, sync=sync)
+    fns = primitives.callables()
+    if names is not None:
+        fns = {n: fns[n] for n in names}
+    return time_interleaved(fns, reps, sync=sync)
 
 
 __all__ = ["EXTRA_WORK", "ExtraWork", "Primitives", "extra_seconds", "measure_primitives", "time_interleaved"]
