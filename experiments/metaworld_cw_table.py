@@ -22,6 +22,9 @@ A finished run whose algorithm settings are no longer the experiment's (conf/alg
 conf/algorithm_settings/metaworld_cw/, e.g. after a new tuning) is left out of the table and listed;
 move its directory away to run it again.
 
+To end a stretch without losing a run, create `<out>/STOP`: the script finishes the run in progress,
+then stops (and removes the file), so the machine is free for something else, e.g. a timing benchmark.
+
 `--order seed` (default) runs seed 0 of every algorithm first, then seed 1, then seed 2, so a partial
 table has every algorithm; `--order algorithm` finishes an algorithm's seeds before the next one.
 Extra arguments after `--` are Hydra overrides for every run (e.g. `-- trainer=gpu`); they are part of
@@ -62,6 +65,7 @@ LABELS = {"acc": "ACC ↑", "bwt": "BWT ↑", "fwt": "FWT ↑", "forgetting": "F
 EXPERIMENT = "metaworld_cw"
 NAME = "metaworld_cw_table"
 TIMES = "times.jsonl"  # every attempt, finished or not (this machine)
+STOP = "STOP"  # created by hand: end the stretch after the run in progress
 
 #: ``{algorithm: [(seed, metrics with "matrix"), ...]}``
 Found = dict[str, list[tuple[int, dict]]]
@@ -273,6 +277,11 @@ def main() -> None:
         base = base_overrides(out, args.overrides, args.experiment)
         claim_sweep(out, base)
         for index, algo, seed in jobs(args.algorithms.split(","), args.seeds, args.order):
+            if (out / STOP).exists():
+                (out / STOP).unlink()
+                next_run = job_name(index, algo, seed)
+                print(f"{time.strftime('%H:%M:%S')} stopped before {next_run} ({STOP} found)", flush=True)
+                break
             run_one(python, out, index, algo, seed, base, args.experiment)
     for d in sorted(out.glob("*_algorithm=*,seed=*")):  # also after an interrupted stretch
         record(d, algorithm_of(d), args.experiment)

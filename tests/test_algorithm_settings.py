@@ -136,3 +136,25 @@ def test_tuning_points_in_the_ledger_are_not_run_again_and_still_reported(tmp_pa
     rows = TUNE.results("si", elsewhere)
     assert [m["acc"] if m else None for _, m in rows] == [0.3, 0.5, None]
     assert TUNE.choose(rows) is None  # not every point has run yet
+
+
+def test_a_stop_file_ends_the_stretch_before_the_next_run_and_is_removed(tmp_path, monkeypatch):
+    import sys
+
+    started = []
+    monkeypatch.setattr(TABLE._ledger, "LEDGER_DIR", tmp_path / "ledger")
+    monkeypatch.setattr(TABLE._driver, "offline_python", lambda: sys.executable)
+    monkeypatch.setattr(TABLE, "claim_sweep", lambda out, base: None)
+
+    def run_one(python, out, index, algo, seed, base, experiment):
+        started.append((algo, seed))
+        if len(started) == 2:  # someone asks for a stop while the second run is going
+            (out / TABLE.STOP).touch()
+
+    monkeypatch.setattr(TABLE, "run_one", run_one)
+    out = tmp_path / "out"
+    argv = ["x", "--out", str(out), "--algorithms", "sequential,er,ewc", "--seeds", "0"]
+    monkeypatch.setattr(sys, "argv", argv)
+    TABLE.main()
+    assert started == [("sequential", 0), ("er", 0)]
+    assert not (out / TABLE.STOP).exists()  # the next invocation goes on
