@@ -1,15 +1,13 @@
 """A guard on the closed-loop benchmark (Meta-World, success rates; docs/results.md), cut to a CPU test:
 two tasks whose motions conflict on the same object (the window opened, then closed), one seed, 6
-evaluation episodes a task. It asserts only what should hold on any CPU: sequential fine-tuning forgets
-the first task clearly, experience replay keeps clearly more of it, and multitask training is the upper
-reference.
+evaluation episodes a task. It asserts only what holds on any CPU: sequential fine-tuning forgets the
+first task clearly, experience replay keeps clearly more of it, and multitask training is the upper
+reference (keeps clearly more than sequential, ends above it, and not clearly below replay).
 
-Measured (seed 0, this 2-core CPU, 6 episodes a task; R rows = after task i):
-sequential [[1, 0], [0, 1]], er [[1, 0], [0.83, 1]]. Success is counted in sixths, so the margins below
-are whole episodes: sequential may keep up to 2 of 6 episodes of the first task, ER and multitask must
-keep 3 more than that. The spread over seeds and machines is not measured yet (see
-experiments/guard_spread.py, which prints these matrices for more seeds); the margins leave 3 episodes
-of room on each side of the measured values.
+Measured spread (experiments/guard_spread.py, seeds 0-4, 2-core CPUs; R[1][0] = success on the first
+task after learning the second, in sixths): sequential keeps 0 of 6 on every seed, ER 5-6, multitask
+4-6. Every margin below leaves at least 2 whole episodes of room on the worst seed measured
+(docs/results.md, "The guard").
 """
 
 from __future__ import annotations
@@ -18,8 +16,7 @@ import pytest
 
 from conftest import train_in_process
 
-# Not in `make test` yet: its spread over seeds is unmeasured and the suite has no room left in its
-# 15-minute budget on 2 cores; `make test-guard` runs it.
+# Part of `make test` (about 2.5 min of one worker); `make test-guard` runs it alone.
 pytestmark = [pytest.mark.slow, pytest.mark.guard]
 
 TASKS = ["window-open-v3", "window-close-v3"]  # the same window, opened then closed: actions conflict
@@ -66,12 +63,12 @@ def test_sequential_forgets_replay_keeps_multitask_is_the_reference(tmp_path):
             for row in train_in_process(guard_overrides(algo), tmp_path / algo)["matrix"]
         ]
     kept = {a: R[a][1][0] for a in R}  # success on the first task after learning the second
-    final = {a: (R[a][1][0] + R[a][1][1]) / 2 for a in R}
+    final = {a: (R[a][1][0] + R[a][1][1]) / 2 for a in R}  # in twelfths: 6 episodes on each task
     episode = 1 / 6
     assert kept["sequential"] <= 2 * episode + 1e-9, R
     assert kept["er"] >= kept["sequential"] + 3 * episode - 1e-9, R
-    assert kept["multitask"] >= kept["sequential"] + 3 * episode - 1e-9, R
-    # The upper reference: multitask ends at least as well as sequential by the same margin, and not
-    # clearly below replay.
-    assert final["multitask"] >= final["sequential"] + 1.5 * episode - 1e-9, R
-    assert final["multitask"] >= final["er"] - 2 * episode - 1e-9, R
+    assert kept["multitask"] >= kept["sequential"] + 2 * episode - 1e-9, R
+    # The upper reference: multitask ends above sequential (one more successful episode in twelve at
+    # least) and not clearly below replay (at most 3 of twelve fewer).
+    assert final["multitask"] >= final["sequential"] + episode / 2 - 1e-9, R
+    assert final["multitask"] >= final["er"] - 3 * episode / 2 - 1e-9, R
