@@ -43,7 +43,7 @@ run: install  ## train the embedded default (make run ARGS="algorithm=sequential
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) train.py $(RUN_DEFAULT) $(ARGS)
 
 # Tests run in PYTEST_WORKERS processes (whole files each, so a file's session fixtures are built once),
-# one torch thread each (about 14 min of tests on 2 cores; PYTEST_WORKERS=1 for one process).
+# one torch thread each (about 12 min of tests on a quiet 2-core machine; PYTEST_WORKERS=1 for one process).
 PYTEST_WORKERS ?= 2
 PYTEST := OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile
 

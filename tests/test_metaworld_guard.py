@@ -16,7 +16,7 @@ import pytest
 
 from conftest import train_in_process
 
-# Part of `make test` (about 2.5 min of one worker); `make test-guard` runs it alone.
+# Part of `make test` (about 3 min of one worker); `make test-guard` runs it alone.
 pytestmark = [pytest.mark.slow, pytest.mark.guard]
 
 TASKS = ["window-open-v3", "window-close-v3"]  # the same window, opened then closed: actions conflict
