@@ -180,11 +180,12 @@ def run_bench(algos: list[str], args: BenchArgs, console: Console) -> dict[str, 
     slow spell of a shared machine hits one round of each, not one algorithm: ``row["rounds"]`` holds
     each round's steps/s and ``row["steps_per_s"]`` their median.
 
-    A shared machine's speed also drifts between runs a minute apart (the same code measured 5.7 and
-    8.5 steps/s within one bench). So right after each run the bench times one fixed plain training
-    step (:func:`calibration_seconds`, ``row["calibrations"]``), and the ratios compare step times in
-    units of that reference step: a machine that got faster between two runs does not flatter the
-    second one."""
+    Right after each run the bench also times one fixed plain training step
+    (:func:`calibration_seconds`, ``row["calibrations"]``): a probe of the machine's speed, kept in
+    the figures but not used in the ratios. Dividing by it was tried (2026-12-03, quiet machine): the
+    probe, taken while the finished run's loader workers wind down, varied 0.047-0.095 s where the
+    runs themselves varied +-15 %, so it added noise (EWC came out 0.71x of sequential) instead of
+    cancelling drift. The ratios are per-round pairs (:func:`_paired_ratios`)."""
     rows: dict[str, dict] = {}
     keep: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="cl_vla_bench_") as tmp:
@@ -259,15 +260,13 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     return rows
 
 
-def title_of(args: BenchArgs, calibrated: bool = False) -> str:
+def title_of(args: BenchArgs) -> str:
     threads = args.threads or torch.get_num_threads()
     rounds = (
         f", median of {args.rounds} interleaved rounds (per-round ratios, min-max in brackets)"
         if args.rounds > 1
         else ""
     )
-    if calibrated:
-        rounds += ", each run's time in units of a reference step timed right after it"
     return (
         f"task-2 steady-state training speed, {args.model}, batch {args.batch}, {args.workers} workers, "
         f"{threads} threads, {args.steps} steps/task{rounds}"
@@ -277,8 +276,7 @@ def title_of(args: BenchArgs, calibrated: bool = False) -> str:
 def bench_tables(rows: dict[str, dict], args: BenchArgs) -> list[tuple[str, list[str], list[list[str]]]]:
     """The speed table (with limits when ``sequential`` ran) and the primitives' table, if timed."""
     header, cells = bench_rows(rows)
-    calibrated = all(len(r.get("calibrations", [])) == len(r.get("rounds", [0])) for r in rows.values())
-    tables = [(title_of(args, calibrated), header, cells)]
+    tables = [(title_of(args), header, cells)]
     prims = rows.get("sequential", {}).get("primitives")
     if prims:
         tables.append(
@@ -353,18 +351,11 @@ def _paired_ratios(
 ) -> tuple[list[float], list[float], list[float]]:
     """Per round: the step time over the base's step time of the same round, over the same round's
     limit (base step + ``extra``), and that limit over the base step; one value each without rounds.
-    Where both rows carry a calibration for every round, times are in units of the reference step
-    timed right after each run (``extra`` in units of the one timed after the base's first run, where
-    the primitives were)."""
+    The machine-speed probes (``row["calibrations"]``) are not used: see :func:`run_bench`."""
     times = [1.0 / s for s in row.get("rounds", [row["steps_per_s"]])]
     bases = [1.0 / s for s in base_row.get("rounds", [base_row["steps_per_s"]])]
     if len(bases) != len(times):  # rows of different benches: compare medians
         times, bases = [1.0 / row["steps_per_s"]], [1.0 / base_row["steps_per_s"]]
-    cal, base_cal = row.get("calibrations", []), base_row.get("calibrations", [])
-    if len(cal) == len(times) and len(base_cal) == len(bases):
-        times = [t / c for t, c in zip(times, cal, strict=True)]
-        bases = [b / c for b, c in zip(bases, base_cal, strict=True)]
-        extra = None if extra is None else extra / base_cal[0]
     vs_base = [t / b for t, b in zip(times, bases, strict=True)]
     if extra is None:
         return vs_base, [], []
