@@ -135,11 +135,16 @@ def record(run_dir: Path, algo: str, experiment: str = EXPERIMENT) -> None:
         _ledger.append(NAME, {**summary, "algorithm": algo, "run": run_dir.name})
 
 
+def finished(out: Path, index: int, algo: str, seed: int, experiment: str = EXPERIMENT) -> bool:
+    """Whether the job finished here (its directory has results.json) or on some machine (the ledger)."""
+    return (out / job_name(index, algo, seed) / "results.json").is_file() or in_ledger(algo, seed, experiment)
+
+
 def run_one(
     python: str, out: Path, index: int, algo: str, seed: int, base: list[str], experiment: str = EXPERIMENT
 ) -> None:
     run_dir = out / job_name(index, algo, seed)
-    if (run_dir / "results.json").is_file() or in_ledger(algo, seed, experiment):
+    if finished(out, index, algo, seed, experiment):
         return  # finished here (main records it) or on some machine
     args = [*base, f"algorithm={algo}", f"seed={seed}", f"hydra.run.dir='{run_dir}'"]
     if (run_dir / "run.json").is_file():  # started before: continue it from its last checkpoint
@@ -277,7 +282,7 @@ def main() -> None:
         base = base_overrides(out, args.overrides, args.experiment)
         claim_sweep(out, base)
         for index, algo, seed in jobs(args.algorithms.split(","), args.seeds, args.order):
-            if (out / STOP).exists():
+            if (out / STOP).exists() and not finished(out, index, algo, seed, args.experiment):
                 (out / STOP).unlink()
                 next_run = job_name(index, algo, seed)
                 print(f"{time.strftime('%H:%M:%S')} stopped before {next_run} ({STOP} found)", flush=True)
