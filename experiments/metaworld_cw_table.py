@@ -239,6 +239,37 @@ def table(found: dict[str, list[tuple[int, dict]]]) -> str:
     return "\n".join(lines)
 
 
+def separated_pairs(found: Found, metric: str = "acc") -> list[tuple[str, str]]:
+    """Pairs ``(higher, lower)`` of algorithms with at least 2 seeds each whose ``metric`` spreads do not
+    overlap: the lower one's mean + std is below the higher one's mean - std (issue #14's criterion)."""
+    spans = {}
+    for algo in ALGORITHMS:
+        vals = [m[metric] for _, m in found.get(algo, []) if m.get(metric) is not None]
+        if len(vals) >= 2:
+            mean, std = float(np.mean(vals)), float(np.std(vals, ddof=1))
+            spans[algo] = (mean - std, mean + std, mean)
+    pairs = []
+    for a, (a_lo, _, a_mean) in spans.items():
+        for b, (_, b_hi, b_mean) in spans.items():
+            if a_mean > b_mean and b_hi < a_lo:
+                pairs.append((a, b))
+    return sorted(pairs, key=lambda ab: (-spans[ab[0]][2], spans[ab[1]][2]))
+
+
+def separation(found: Found, metric: str = "acc") -> str:
+    """The separated pairs as Markdown lines, those without ``sequential`` first."""
+    pairs = separated_pairs(found, metric)
+    if not pairs:
+        label = LABELS[metric]
+        return f"No two algorithms with 2+ seeds have non-overlapping {label} spreads (mean ± std) yet."
+    others = [f"{a} > {b}" for a, b in pairs if "sequential" not in (a, b)]
+    with_seq = [f"{a} > {b}" for a, b in pairs if "sequential" in (a, b)]
+    lines = [f"Pairs whose {LABELS[metric]} spreads (mean ± std, 2+ seeds) do not overlap:"]
+    lines.append(f"- besides sequential ({len(others)}): " + (", ".join(others) or "none"))
+    lines.append(f"- against sequential ({len(with_seq)}): " + (", ".join(with_seq) or "none"))
+    return "\n".join(lines)
+
+
 def plot(found: dict[str, list[tuple[int, dict]]], path: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -296,6 +327,7 @@ def main() -> None:
         f"{n} of {len(ALGORITHMS) * 3} runs finished ({out.name}/ and the ledger); "
         f"they took {seconds / 3600:.2f} h of wall time together\n\n" + table(found)
     )
+    text += "\n\n" + separation(found, "acc")
     if stale:
         text += "\n\nLeft out (stale settings):\n" + "\n".join(f"- {line}" for line in stale)
     print(text)

@@ -158,3 +158,27 @@ def test_a_stop_file_ends_the_stretch_before_the_next_run_and_is_removed(tmp_pat
     TABLE.main()
     assert started == [("sequential", 0), ("er", 0)]
     assert not (out / TABLE.STOP).exists()  # the next invocation goes on
+
+
+def test_separated_pairs_need_two_seeds_and_disjoint_spreads():
+    def runs(*accs):
+        return [(s, {"acc": a}) for s, a in enumerate(accs)]
+
+    found = {
+        "sequential": runs(0.20, 0.24, 0.22),
+        "er": runs(0.90, 0.94, 0.92),
+        "derpp": runs(0.50, 0.95, 0.80),  # wide: overlaps er, not sequential
+        "ewc": runs(0.30, 0.34),
+        "si": runs(0.99),  # one seed: no spread, never in a pair
+    }
+    assert TABLE.separated_pairs(found) == [
+        ("er", "sequential"),
+        ("er", "ewc"),
+        ("derpp", "sequential"),
+        ("derpp", "ewc"),
+        ("ewc", "sequential"),
+    ]
+    text = TABLE.separation(found)
+    assert "besides sequential (2): er > ewc, derpp > ewc" in text
+    assert "against sequential (3)" in text
+    assert "No two algorithms" in TABLE.separation({"er": runs(0.9)})
