@@ -51,7 +51,8 @@ GRID: dict[str, dict[str, list[str]]] = {
     "ewc_online": {"ewc_lambda": ["100000.0", "10000.0", "1000000.0"], "gamma": ["0.9"]},
     "si": {"si_c": ["0.1", "1.0", "10.0"]},
     "lwf": {"alpha": ["1.0", "0.3", "3.0"]},
-    "packnet": {"prune_ratio": ["0.75", "0.5"]},
+    # PackNet re-trains the kept weights after pruning (the paper; LIBERO: as many epochs as the task).
+    "packnet": {"prune_ratio": ["0.75", "0.5"], "finetune_steps": ["0", "100"]},
     "lora_per_task": {"r": ["8", "32"]},
 }
 
@@ -61,7 +62,13 @@ def points(algo: str) -> list[dict[str, str]]:
     return [dict(zip(keys, vals, strict=True)) for vals in product(*(GRID[algo][k] for k in keys))]
 
 
-def read_points(sweep: Path) -> dict[tuple[tuple[str, str], ...], Path]:
+def full_point(algo: str, pt: dict[str, str]) -> dict[str, str]:
+    """``pt`` with every grid key it lacks at its first listed value: a point that ran before a key
+    joined the grid ran with that key's default, which the grid lists first."""
+    return {**{k: values[0] for k, values in GRID[algo].items()}, **pt}
+
+
+def read_points(sweep: Path, algo: str) -> dict[tuple[tuple[str, str], ...], Path]:
     """``{grid point: job dir}`` of every job directory of ``sweep`` (from its .hydra/overrides.yaml)."""
     sys.path.insert(0, str(REPO / "src"))
     from omegaconf import OmegaConf
@@ -74,24 +81,23 @@ def read_points(sweep: Path) -> dict[tuple[tuple[str, str], ...], Path]:
         if not ov.is_file():
             continue
         o = job_overrides(OmegaConf.to_container(OmegaConf.load(ov)))
-        key = tuple(
-            sorted((k.removeprefix("algorithm."), v) for k, v in o.items() if k.startswith("algorithm."))
-        )
-        found[key] = d
+        pt = {k.removeprefix("algorithm."): v for k, v in o.items() if k.startswith("algorithm.")}
+        found[tuple(sorted(full_point(algo, pt).items()))] = d
     return found
 
 
 def ledger_metrics(algo: str, pt: dict[str, str], experiment: str = EXPERIMENT) -> dict | None:
     """The validation metrics of grid point ``pt`` from the ledger (any machine), None if not there."""
     for e in _ledger.read(NAME):
-        if e["algorithm"] == algo and e.get("experiment", EXPERIMENT) == experiment and e["point"] == pt:
+        same = e["algorithm"] == algo and e.get("experiment", EXPERIMENT) == experiment
+        if same and full_point(algo, e["point"]) == pt:
             return e["metrics"]
     return None
 
 
 def record(algo: str, sweep: Path, experiment: str = EXPERIMENT) -> None:
     """Put every finished grid point of ``sweep`` that the ledger lacks into it."""
-    done = read_points(sweep) if sweep.is_dir() else {}
+    done = read_points(sweep, algo) if sweep.is_dir() else {}
     for pt in points(algo):
         d = done.get(tuple(sorted(pt.items())))
         summary = _ledger.run_summary(d) if d is not None else None
@@ -101,7 +107,7 @@ def record(algo: str, sweep: Path, experiment: str = EXPERIMENT) -> None:
 
 def pending(algo: str, sweep: Path, experiment: str = EXPERIMENT) -> list[dict[str, str]]:
     """Grid points without results.json; interrupted job dirs are moved aside (kept) so they rerun."""
-    done = read_points(sweep) if sweep.is_dir() else {}
+    done = read_points(sweep, algo) if sweep.is_dir() else {}
     todo = []
     for pt in points(algo):
         d = done.get(tuple(sorted(pt.items())))
@@ -155,7 +161,7 @@ def launch(
 
 def results(algo: str, sweep: Path, experiment: str = EXPERIMENT) -> list[tuple[dict[str, str], dict | None]]:
     """Each grid point's validation metrics: from its run directory here, else from the ledger."""
-    done = read_points(sweep) if sweep.is_dir() else {}
+    done = read_points(sweep, algo) if sweep.is_dir() else {}
     out = []
     for pt in points(algo):
         d = done.get(tuple(sorted(pt.items())))

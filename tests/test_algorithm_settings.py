@@ -182,3 +182,28 @@ def test_separated_pairs_need_two_seeds_and_disjoint_spreads():
     assert "besides sequential (2): er > ewc, derpp > ewc" in text
     assert "against sequential (3)" in text
     assert "No two algorithms" in TABLE.separation({"er": runs(0.9)})
+
+
+def test_a_point_recorded_before_a_knob_joined_the_grid_counts_as_that_knobs_default(tmp_path, monkeypatch):
+    import json
+
+    monkeypatch.setattr(TUNE._ledger, "LEDGER_DIR", tmp_path / "ledger")
+    old = tmp_path / "machine_a" / "packnet"
+    _finished_run(old / "0", "packnet", 0, 0.4, prune_ratio=0.75)
+    (old / "0" / ".hydra").mkdir()
+    OmegaConf.save(
+        OmegaConf.create(["algorithm.prune_ratio=0.75", "seed=0"]), old / "0" / ".hydra" / "overrides.yaml"
+    )
+    assert list(TUNE.read_points(old, "packnet")) == [(("finetune_steps", "0"), ("prune_ratio", "0.75"))]
+    TUNE.record("packnet", old)
+    assert TUNE._ledger.read(TUNE.NAME)[0]["point"] == {"prune_ratio": "0.75", "finetune_steps": "0"}
+    ledger = TUNE._ledger.LEDGER_DIR / f"{TUNE.NAME}.jsonl"
+    entry = json.loads(ledger.read_text())
+    del entry["point"]["finetune_steps"]  # as written before the knob joined the grid
+    ledger.write_text(json.dumps(entry) + "\n")
+    assert TUNE._ledger.read(TUNE.NAME)[0]["point"] == {"prune_ratio": "0.75"}
+    assert TUNE.pending("packnet", tmp_path / "machine_b" / "packnet") == [
+        {"prune_ratio": "0.75", "finetune_steps": "100"},
+        {"prune_ratio": "0.5", "finetune_steps": "0"},
+        {"prune_ratio": "0.5", "finetune_steps": "100"},
+    ]
