@@ -207,3 +207,21 @@ def test_a_point_recorded_before_a_knob_joined_the_grid_counts_as_that_knobs_def
         {"prune_ratio": "0.5", "finetune_steps": "0"},
         {"prune_ratio": "0.5", "finetune_steps": "100"},
     ]
+
+
+def test_a_run_with_outdated_settings_is_moved_aside_and_run_again_and_recorded_once(tmp_path, monkeypatch):
+    monkeypatch.setattr(TABLE._ledger, "LEDGER_DIR", tmp_path / "ledger")
+    out = tmp_path / "out"
+    old = out / TABLE.job_name(3, "er", 0)
+    _finished_run(old, "er", 0, 0.9, replay_batch_ratio=0.9)  # before a new tuning
+    for _ in range(2):
+        TABLE.record(old, "er")
+    assert len(TABLE._ledger.read(TABLE.NAME)) == 1  # kept once, and out of the table
+    assert TABLE.stale(old, "er") and not TABLE.finished(out, 3, "er", 0)
+    calls = []
+    monkeypatch.setattr(TABLE.subprocess, "call", lambda cmd, **kw: calls.append(cmd) or 1)
+    TABLE.run_one("python", out, 3, "er", 0, [])
+    (aside,) = out.glob(".03_algorithm=er,seed=0.stale-*")
+    assert (aside / "results.json").is_file() and not (old / "results.json").exists()
+    assert len(calls) == 1 and not any(a.startswith("resume=") for a in calls[0])  # a fresh run
+    assert TABLE.run_dirs(out) == [] and TABLE.collect(out)[0] == {}

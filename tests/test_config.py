@@ -129,6 +129,11 @@ def test_replay_value_out_of_range_is_one_sentence() -> None:
         ("data.normalization=per_episode", "data.normalization='per_episode' is not allowed"),
         ("eval.type=online", "eval.type='online' is not allowed"),
         ("data=local", r"data.root is not set; data=local reads a LeRobot dataset from disk"),
+        (
+            "data.memory_workers=-1",
+            r"data.memory_workers=-1 is not allowed; it must be 'auto' or an int >= 0",
+        ),
+        ("data.memory_workers=some", r"data.memory_workers='some' is not allowed"),
     ],
 )
 def test_validate_config_rejects_bad_values(override: str, fragment: str) -> None:

@@ -16,7 +16,7 @@ from cl_vla.algorithms.agem import AGEM
 from cl_vla.algorithms.base import TaskContext
 from cl_vla.algorithms.gem import GEM
 from cl_vla.algorithms.gradient_projection import flat_grad
-from cl_vla.algorithms.memory_prefetch import MemoryPrefetcher
+from cl_vla.algorithms.memory_prefetch import MemoryPrefetcher, memory_workers
 from cl_vla.algorithms.mir import MIR
 from test_gem import ToyModule, _current_gradient, _filled
 from test_mir import MLPPolicy, items
@@ -51,6 +51,43 @@ def test_without_workers_the_step_loads_in_this_process() -> None:
         prefetch.use_loader(make_loader)
         batch = prefetch.get(3, key=0)
         assert int(batch["step"]) == 3 and batch["pid"] == os.getpid()
+
+
+def test_the_context_sets_the_workers_and_zero_decodes_in_the_step() -> None:
+    made = []
+
+    def make_loader(ds, **kw):
+        made.append(kw.get("num_workers"))
+        return DataLoader(ds, multiprocessing_context="fork", **{"num_workers": 2, **kw})
+
+    prefetch = MemoryPrefetcher(_load)
+    prefetch.use_loader(make_loader, workers=0)
+    assert prefetch.get(3, key=0)["pid"] == os.getpid() and made == []  # no loader built at all
+    prefetch.use_loader(make_loader, workers=1)
+    assert prefetch.get(3, key=0)["pid"] != os.getpid() and made == [1]
+    prefetch.close()
+
+
+@pytest.mark.parametrize(
+    ("setting", "loader", "accelerated", "cores", "threads", "expected"),
+    [
+        ("auto", 2, False, 2, 2, 0),  # 2-core CPU run: the step's threads and the loader fill it
+        ("auto", 2, False, 16, 8, 2),  # 16 cores, 8 threads, 2 loader workers: room for 2 more
+        ("auto", 4, True, 16, 16, 4),  # a GPU computes: the main process needs one core
+        ("auto", 4, True, 8, 16, 0),  # 8 cores: 4 loader workers + 1 leave 3, fewer than 4
+        ("auto", 0, True, 64, 1, 0),  # no loader workers: decoded in the step, as the loader does
+        (3, 2, False, 2, 2, 3),  # an explicit count wins
+        (0, 4, True, 64, 1, 0),
+    ],
+)
+def test_memory_workers_auto_uses_spare_cores_only(setting, loader, accelerated, cores, threads, expected):
+    assert memory_workers(setting, loader, accelerated, cores=cores, threads=threads) == expected
+
+
+@pytest.mark.parametrize("bad", [-1, "two", 1.5, True])
+def test_memory_workers_refuses_anything_but_auto_or_a_count(bad) -> None:
+    with pytest.raises(ValueError, match=r"data.memory_workers must be 'auto' or an int >= 0, got"):
+        memory_workers(bad, 2, False)
 
 
 def _context(task: int, make_loader=None) -> TaskContext:

@@ -29,6 +29,9 @@ def validate_config(cfg: DictConfig) -> DictConfig:
         raise ConfigError(
             f"data.heldout_fraction={cfg.data.heldout_fraction} is not allowed; it must be in [0, 1)."
         )
+    mw = cfg.data.get("memory_workers", "auto")
+    if mw != "auto" and (isinstance(mw, bool) or not isinstance(mw, int) or mw < 0):
+        raise ConfigError(f"data.memory_workers={mw!r} is not allowed; it must be 'auto' or an int >= 0.")
     from cl_vla.data.stats import NormalizationChoice
 
     NormalizationChoice.parse(cfg.data.normalization)

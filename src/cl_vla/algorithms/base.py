@@ -69,7 +69,9 @@ class TaskContext:
     current task's training frames (a :class:`~cl_vla.data.TaskFilteredDataset`, whose
     ``frame_indices`` are indices into the shared LeRobot dataset); ``make_loader(dataset)`` builds a
     DataLoader with the run's collate, workers and preprocessing; ``compute_loss(batch)`` runs the
-    policy's preprocessor and forward pass and returns ``(loss, outputs)``.
+    policy's preprocessor and forward pass and returns ``(loss, outputs)``. ``memory_workers`` is how
+    many processes decode memory batches ahead for GEM, A-GEM and MIR (0: inside the step; None: as
+    many as ``make_loader``'s; :func:`cl_vla.algorithms.memory_prefetch.memory_workers`).
     """
 
     task_id: int
@@ -78,6 +80,7 @@ class TaskContext:
     module: Any = None
     train_dataset: Dataset | None = None
     make_loader: Callable[..., Iterable[dict]] | None = None
+    memory_workers: int | None = None
     compute_loss: Callable[[dict], tuple[torch.Tensor, dict]] | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     world_size: int = 1

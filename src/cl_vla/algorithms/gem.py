@@ -120,7 +120,10 @@ class EpisodicGradientAlgorithm(CLAlgorithm):
         """No-op: the memory is filled from the whole task dataset at its end."""
 
     def on_task_start(self, task_id: int, context: TaskContext | None = None) -> None:
-        self._prefetch.use_loader(None if context is None else context.make_loader)
+        if context is None:
+            self._prefetch.use_loader(None)
+        else:
+            self._prefetch.use_loader(context.make_loader, context.memory_workers)
 
     def on_task_end(self, task_id: int, context: TaskContext | None = None) -> None:
         """Select ``memory_per_task`` references of ``context.train_dataset`` for ``task_id``."""

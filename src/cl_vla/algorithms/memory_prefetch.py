@@ -9,18 +9,48 @@ from such workers, in step order, with exactly what a direct ``load(step)`` woul
 
 The workers see the algorithm as it was when they started; a prefetcher therefore restarts whenever its
 ``key`` (the memory's content and the draw settings) changes, and at every task boundary.
+
+Extra worker processes only pay where a core is free for them. On a 2-core CPU run (2 torch threads, 2
+loader workers) they compete with the step's own threads: A-GEM measured 2.13x of ``sequential``'s step
+time with its memory decoded in 2 more workers against 1.73x decoded inside the step, MIR 2.70x against
+2.18x (``python -m cl_vla.bench``, tiny_vla, batch 32, 2026-12-03). :func:`memory_workers` makes that
+choice (``data.memory_workers``, default ``auto``); the frames are the same either way.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Hashable, Iterable, Iterator
 from typing import Any
 
+import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 #: A gap larger than this between the step asked for and the next prefetched one restarts the workers
 #: instead of decoding (and dropping) every batch in between.
 _MAX_SKIP = 4
+
+
+def memory_workers(
+    setting: Any, loader_workers: int, accelerated: bool, cores: int | None = None, threads: int | None = None
+) -> int:
+    """Worker processes that decode memory batches ahead (0: in the step, in the main process).
+
+    ``setting`` is ``data.memory_workers``: an int >= 0, or ``"auto"``: as many as the run's loader
+    (``loader_workers``) when the cores left after the loader's workers and the main process's compute
+    (its torch threads on a CPU run, one core when an accelerator computes) can hold that many more,
+    else 0. ``cores`` and ``threads`` default to this process's CPU affinity and torch threads.
+    """
+    if setting == "auto":
+        if loader_workers <= 0:
+            return 0
+        if cores is None:
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        compute = 1 if accelerated else (threads if threads is not None else torch.get_num_threads())
+        return loader_workers if cores - loader_workers - compute >= loader_workers else 0
+    if isinstance(setting, bool) or not isinstance(setting, int) or setting < 0:
+        raise ValueError(f"data.memory_workers must be 'auto' or an int >= 0, got {setting!r}.")
+    return setting
 
 
 class StepBatches(IterableDataset):
@@ -43,22 +73,28 @@ class MemoryPrefetcher:
     """``get(step, key)`` returns ``load(step)``, decoded ahead by ``make_loader``'s workers.
 
     ``make_loader(dataset, **kwargs)`` is the run's loader factory (``TaskContext.make_loader``); when it
-    is missing or has no workers, ``load`` runs in the calling process, as before prefetching existed.
-    ``key`` identifies everything ``load`` reads besides the step: a new key restarts the workers.
+    is missing or has no workers, or ``workers`` is 0, ``load`` runs in the calling process, as before
+    prefetching existed. ``workers`` (``TaskContext.memory_workers``) overrides the factory's worker
+    count; None keeps it. ``key`` identifies everything ``load`` reads besides the step: a new key
+    restarts the workers.
     """
 
     def __init__(self, load: Callable[[int], Any]) -> None:
         self.load = load
         self._make_loader: Callable[..., Iterable[Any]] | None = None
+        self._workers: int | None = None
         self._batches: Iterator[tuple[int, Any]] | None = None
         self._key: Hashable = None
         self._next_step = 0
         self._last: tuple[int, Any] | None = None
 
-    def use_loader(self, make_loader: Callable[..., Iterable[Any]] | None) -> None:
-        """Prefetch through ``make_loader`` from now on (restarts any running workers)."""
+    def use_loader(
+        self, make_loader: Callable[..., Iterable[Any]] | None, workers: int | None = None
+    ) -> None:
+        """Prefetch through ``make_loader`` (with ``workers`` processes unless None) from now on
+        (restarts any running workers)."""
         self.close()
-        self._make_loader = make_loader
+        self._make_loader, self._workers = make_loader, workers
 
     def close(self) -> None:
         """Stop the workers (a DataLoader iterator shuts its workers down when dropped)."""
@@ -81,9 +117,10 @@ class MemoryPrefetcher:
 
     def _start(self, step: int, key: Hashable) -> bool:
         self.close()
-        if self._make_loader is None:
+        if self._make_loader is None or self._workers == 0:
             return False
-        loader = self._make_loader(StepBatches(self.load, step), batch_size=None)
+        kwargs = {} if self._workers is None else {"num_workers": self._workers}
+        loader = self._make_loader(StepBatches(self.load, step), batch_size=None, **kwargs)
         if not isinstance(loader, DataLoader) or loader.num_workers == 0:
             return False
         self._batches, self._key, self._next_step = iter(loader), key, step
@@ -94,4 +131,4 @@ class MemoryPrefetcher:
         return {**self.__dict__, "_make_loader": None, "_batches": None, "_last": None, "_key": None}
 
 
-__all__ = ["MemoryPrefetcher", "StepBatches"]
+__all__ = ["MemoryPrefetcher", "StepBatches", "memory_workers"]

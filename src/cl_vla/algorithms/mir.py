@@ -133,7 +133,10 @@ class MIR(ReplayBuffer):
         return pairs, noise_seed, dict(default_collate(self._fetch(pairs)))
 
     def on_task_start(self, task_id: int, context: TaskContext | None = None) -> None:
-        self._prefetch.use_loader(None if context is None else context.make_loader)
+        if context is None:
+            self._prefetch.use_loader(None)
+        else:
+            self._prefetch.use_loader(context.make_loader, context.memory_workers)
 
     def on_task_end(self, task_id: int, context: TaskContext | None = None) -> None:
         self._prefetch.close()

@@ -32,6 +32,7 @@ MAY_CHANGE_ON_RESUME: dict[str, str] = {
     "continual_learning.save_checkpoint_per_task": "which checkpoints are kept",
     "continual_learning.export_per_task": "whether each task's policy is also written in lerobot's format",
     "data.num_workers": "loader processes; batches are drawn by index in the main process",
+    "data.memory_workers": "which processes decode the same memory frames",
     "data.root": "where the same dataset is read from (a moved copy)",
     "data.video_backend": "which decoder reads the same frames",
     "eval.num_workers": "simulator processes; episode seeds do not depend on them",

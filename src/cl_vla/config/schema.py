@@ -83,6 +83,9 @@ class DataConfig:
     batch_size: int = 32
     eval_batch_size: int = 64
     num_workers: int = 2
+    # GEM / A-GEM / MIR memory batches: decoded ahead in this many extra loader processes (0: inside the
+    # step); auto: as many as num_workers where the machine has cores to spare, else 0.
+    memory_workers: Any = "auto"
     video_backend: str | None = None
 
 

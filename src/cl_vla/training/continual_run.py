@@ -15,6 +15,7 @@ import lightning as L
 from omegaconf import DictConfig
 
 from cl_vla.algorithms.base import CLAlgorithm, TaskContext
+from cl_vla.algorithms.memory_prefetch import memory_workers
 from cl_vla.data.datamodule import ContinualDataModule
 from cl_vla.data.stats import NormalizationChoice, flatten_stats, select_stats, unflatten_stats
 from cl_vla.data.streams import ContinualData
@@ -222,6 +223,11 @@ class ContinualRun:
             module=self.module,
             train_dataset=self.data.train_dataset(task),
             make_loader=self.dm.loader,
+            memory_workers=memory_workers(
+                self.cfg.data.get("memory_workers", "auto"),
+                int(self.cfg.data.num_workers),
+                accelerated=self.module.device.type != "cpu",
+            ),
             compute_loss=self.module.compute_loss,
             device=self.module.device,
             world_size=self.trainer.world_size,
