@@ -18,9 +18,10 @@ Every finished run is also written to the committed ledger `docs/results/ledger/
 machine that ran them, the ledger goes on with the repository, so the next invocation on another machine
 skips what any machine finished and still tables it. Commit the ledger after a stretch of runs.
 
-A finished run whose algorithm settings are no longer the experiment's (conf/algorithm/ merged with
-conf/algorithm_settings/metaworld_cw/, e.g. after a new tuning) is left out of the table and listed;
-move its directory away to run it again.
+A run whose algorithm settings are no longer the experiment's (conf/algorithm/ merged with
+conf/algorithm_settings/metaworld_cw/, e.g. after a new tuning) is left out of the table and listed as
+stale; the next invocation moves its directory aside (`.<name>.stale-<time>`, kept) and runs the job
+anew with the current settings (a stale ledger entry stays in the ledger, out of the table).
 
 To end a stretch without losing a run, create `<out>/STOP`: the script finishes the run in progress,
 then stops (and removes the file), so the machine is free for something else, e.g. a timing benchmark.
@@ -128,16 +129,44 @@ def in_ledger(algo: str, seed: int, experiment: str = EXPERIMENT) -> bool:
     )
 
 
-def record(run_dir: Path, algo: str, experiment: str = EXPERIMENT) -> None:
-    """Put a finished run into the ledger, unless its algorithm and seed are there already."""
+def record(run_dir: Path, algo: str) -> None:
+    """Put a finished run into the ledger, unless it holds that algorithm and seed with these settings."""
     summary = _ledger.run_summary(run_dir)
-    if summary is not None and not in_ledger(algo, summary["seed"], experiment):
+    if summary is None:
+        return
+    same = (
+        e["algorithm"] == algo
+        and e["seed"] == summary["seed"]
+        and not _ledger.differing(e["settings"], summary["settings"])
+        for e in _ledger.read(NAME)
+    )
+    if not any(same):
         _ledger.append(NAME, {**summary, "algorithm": algo, "run": run_dir.name})
 
 
+def run_dirs(out: Path) -> list[Path]:
+    """The job directories under ``out`` (not those moved aside as stale: their names start with a dot)."""
+    return sorted(d for d in out.glob("*_algorithm=*,seed=*") if not d.name.startswith("."))
+
+
+def stale(run_dir: Path, algo: str, experiment: str = EXPERIMENT) -> bool:
+    """Whether ``run_dir`` (finished or interrupted) ran with other algorithm settings than the
+    experiment's current ones (e.g. from before a new tuning)."""
+    resolved = run_dir / "config.resolved.yaml"
+    if not resolved.is_file():
+        return False
+    from omegaconf import OmegaConf
+
+    settings = OmegaConf.to_container(OmegaConf.load(resolved).algorithm)
+    return bool(_ledger.differing(settings, expected_settings(algo, experiment)))
+
+
 def finished(out: Path, index: int, algo: str, seed: int, experiment: str = EXPERIMENT) -> bool:
-    """Whether the job finished here (its directory has results.json) or on some machine (the ledger)."""
-    return (out / job_name(index, algo, seed) / "results.json").is_file() or in_ledger(algo, seed, experiment)
+    """Whether the job finished here (its directory has results.json, with the current settings) or on
+    some machine (the ledger)."""
+    run_dir = out / job_name(index, algo, seed)
+    here = (run_dir / "results.json").is_file() and not stale(run_dir, algo, experiment)
+    return here or in_ledger(algo, seed, experiment)
 
 
 def run_one(
@@ -146,6 +175,10 @@ def run_one(
     run_dir = out / job_name(index, algo, seed)
     if finished(out, index, algo, seed, experiment):
         return  # finished here (main records it) or on some machine
+    if stale(run_dir, algo, experiment):  # kept aside, out of the table's glob; the job runs anew
+        aside = run_dir.with_name(f".{run_dir.name}.stale-{time.strftime('%Y%m%d%H%M%S')}")
+        run_dir.rename(aside)
+        print(f"{time.strftime('%H:%M:%S')} {run_dir.name}: other settings than now, moved to {aside.name}")
     args = [*base, f"algorithm={algo}", f"seed={seed}", f"hydra.run.dir='{run_dir}'"]
     if (run_dir / "run.json").is_file():  # started before: continue it from its last checkpoint
         args.append(f"resume='{run_dir}'")
@@ -176,7 +209,7 @@ def run_one(
         )
     print(f"  rc={rc} {seconds / 60:.1f} min", flush=True)
     if rc == 0:
-        record(run_dir, algo, experiment)
+        record(run_dir, algo)
 
 
 # ------------------------------------------------------------------------------------------ the table
@@ -200,24 +233,24 @@ def collect(out: Path, experiment: str = EXPERIMENT) -> tuple[Found, list[str], 
     the ledger (one per algorithm and seed), whose settings are the experiment's current ones; one line
     per finished run left out as stale; the wall seconds of the runs kept."""
     summaries = []
-    for d in sorted(out.glob("*_algorithm=*,seed=*")):
+    for d in run_dirs(out):
         summary = _ledger.run_summary(d)
         if summary is not None:
             summaries.append({**summary, "algorithm": algorithm_of(d), "run": d.name})
     summaries += _ledger.read(NAME)
     found: dict[str, list[tuple[int, dict]]] = {}
-    stale, seen, seconds = [], set(), 0.0
+    left_out, seen, seconds = [], set(), 0.0
     for e in summaries:
         algo, seed = e["algorithm"], int(e["seed"])
         if (algo, seed) in seen:
             continue
         if keys := _ledger.differing(e["settings"], expected_settings(algo, experiment)):
-            stale.append(f"{e['run']}: ran with other {', '.join(keys)} than the current settings")
+            left_out.append(f"{e['run']}: ran with other {', '.join(keys)} than the current settings")
             continue
         seen.add((algo, seed))
         seconds += e.get("seconds") or 0.0
         found.setdefault(algo, []).append((seed, {**e["metrics"], "matrix": e["matrix"]}))
-    return found, stale, seconds
+    return found, left_out, seconds
 
 
 def _cell(vals: list[float]) -> str:
@@ -319,17 +352,17 @@ def main() -> None:
                 print(f"{time.strftime('%H:%M:%S')} stopped before {next_run} ({STOP} found)", flush=True)
                 break
             run_one(python, out, index, algo, seed, base, args.experiment)
-    for d in sorted(out.glob("*_algorithm=*,seed=*")):  # also after an interrupted stretch
-        record(d, algorithm_of(d), args.experiment)
-    found, stale, seconds = collect(out, args.experiment)
+    for d in run_dirs(out):  # also after an interrupted stretch
+        record(d, algorithm_of(d))
+    found, left_out, seconds = collect(out, args.experiment)
     n = sum(len(v) for v in found.values())
     text = (
         f"{n} of {len(ALGORITHMS) * 3} runs finished ({out.name}/ and the ledger); "
         f"they took {seconds / 3600:.2f} h of wall time together\n\n" + table(found)
     )
     text += "\n\n" + separation(found, "acc")
-    if stale:
-        text += "\n\nLeft out (stale settings):\n" + "\n".join(f"- {line}" for line in stale)
+    if left_out:
+        text += "\n\nLeft out (stale settings):\n" + "\n".join(f"- {line}" for line in left_out)
     print(text)
     if args.markdown:
         args.markdown.write_text(text + "\n", encoding="utf-8")

@@ -50,7 +50,8 @@ GRID: dict[str, dict[str, list[str]]] = {
     "ewc": {"ewc_lambda": ["100000.0", "10000.0", "1000.0"]},
     "ewc_online": {"ewc_lambda": ["100000.0", "10000.0", "1000000.0"], "gamma": ["0.9"]},
     "si": {"si_c": ["0.1", "1.0", "10.0"]},
-    "lwf": {"alpha": ["1.0", "0.3", "3.0"]},
+    # 0.3-3 all ended at val ACC 0 (nothing kept, the last task not learned): 0.1, 0.03 go towards sequential.
+    "lwf": {"alpha": ["1.0", "0.3", "3.0", "0.1", "0.03"]},
     # PackNet re-trains the kept weights after pruning (the paper; LIBERO: as many epochs as the task).
     "packnet": {"prune_ratio": ["0.75", "0.5"], "finetune_steps": ["0", "100"]},
     "lora_per_task": {"r": ["8", "32"]},
