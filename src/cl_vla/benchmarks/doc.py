@@ -49,7 +49,9 @@ optimizer steps between consecutive `after_backward` calls, the first fifth of t
 - **limit**: (`sequential`'s measured step + that extra work) / `sequential`'s step. An algorithm
   cannot be faster than its limit except where work runs beside the main process: the training
   loader, and the memory reads that GEM, A-GEM and MIR do ahead in loader workers
-  (`cl_vla.algorithms.memory_prefetch`), which a free core hides.
+  (`cl_vla.algorithms.memory_prefetch`), which a free core hides. `data.memory_workers=auto` (the
+  default) only starts those workers where cores are free; on a 2-core CPU run the reads happen
+  inside the step, as the limit counts them.
 - **measured / limit**, **within 10 %**: above 1.10 the implementation costs more than its method's
   work: a regression, or work that could move (see the profile notes below the table).
 - **extra memory**: the algorithm's checkpointed state after two tasks.
