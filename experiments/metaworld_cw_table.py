@@ -120,9 +120,10 @@ def claim_sweep(out: Path, base: list[str]) -> None:
         sys.exit(f"error: {exc}")
 
 
-def in_ledger(algo: str, seed: int, experiment: str = EXPERIMENT) -> bool:
-    """Whether some machine finished ``(algo, seed)`` with the experiment's current settings."""
-    expected = expected_settings(algo, experiment)
+def in_ledger(algo: str, seed: int, experiment: str = EXPERIMENT, settings: dict | None = None) -> bool:
+    """Whether some machine finished ``(algo, seed)`` with ``settings`` (default: the experiment's
+    current ones)."""
+    expected = expected_settings(algo, experiment) if settings is None else settings
     return any(
         e["algorithm"] == algo and e["seed"] == seed and not _ledger.differing(e["settings"], expected)
         for e in _ledger.read(NAME)
@@ -132,15 +133,7 @@ def in_ledger(algo: str, seed: int, experiment: str = EXPERIMENT) -> bool:
 def record(run_dir: Path, algo: str) -> None:
     """Put a finished run into the ledger, unless it holds that algorithm and seed with these settings."""
     summary = _ledger.run_summary(run_dir)
-    if summary is None:
-        return
-    same = (
-        e["algorithm"] == algo
-        and e["seed"] == summary["seed"]
-        and not _ledger.differing(e["settings"], summary["settings"])
-        for e in _ledger.read(NAME)
-    )
-    if not any(same):
+    if summary is not None and not in_ledger(algo, summary["seed"], settings=summary["settings"]):
         _ledger.append(NAME, {**summary, "algorithm": algo, "run": run_dir.name})
 
 
