@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from cl_vla.algorithms.base import TaskContext
-from cl_vla.algorithms.der import DERpp, take_rows
+from cl_vla.algorithms.der import DERpp, forked_rng, take_rows
 from conftest import two_task_run
 from test_lwf import ACT, CHUNK, ChunkPolicy, fake_module, perturb
 
@@ -153,6 +153,19 @@ def _round_trip(state: dict) -> dict:
     torch.save(state, buf)
     buf.seek(0)
     return torch.load(buf, weights_only=True)
+
+
+def test_forked_rng_draws_like_a_seeded_run_and_leaves_the_outer_stream_alone() -> None:
+    policy = torch.nn.Linear(2, 2)
+    torch.manual_seed(7)
+    expected_inside = torch.rand(4)
+    torch.manual_seed(3)
+    expected_outer = torch.rand(4)
+    torch.manual_seed(3)
+    with forked_rng(policy, seed=7):
+        inside = torch.rand(4)
+    assert torch.equal(inside, expected_inside)
+    assert torch.equal(torch.rand(4), expected_outer)
 
 
 def test_state_round_trip_is_exact() -> None:

@@ -307,7 +307,13 @@ def forked_rng(policy: torch.nn.Module, seed: int | None = None) -> Iterator[Non
     devices = [param.device.index or 0] if param is not None and param.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         if seed is not None:
-            torch.manual_seed(seed)
+            # Only the generators forked above: `torch.manual_seed` also queues a seed for every
+            # uninitialised backend (CUDA, XPU, MTIA) with a formatted stack trace each, ~2 ms a call
+            # under Lightning's deep stack (MIR seeds twice a step), and would reseed CUDA devices
+            # this fork does not restore.
+            torch.default_generator.manual_seed(seed)
+            for index in devices:
+                torch.cuda.default_generators[index].manual_seed(seed)
         yield
 
 
