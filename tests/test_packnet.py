@@ -291,3 +291,30 @@ def test_packnet_real_run_keeps_task0_weights_bit_identical(
         assert torch.equal(s0[f"policy.{name}"][mine], s1[f"policy.{name}"][mine]), name
     shared = [k for k in s0 if k.startswith("policy.") and k[len("policy.") :] not in a1["owners"]]
     assert shared and all(torch.equal(s0[k], s1[k]) for k in shared)
+
+
+def test_multiplier_snapshot_zeroes_and_restores_exactly_what_boolean_masks_would() -> None:
+    from cl_vla.algorithms.packnet_masks import frozen_snapshot, restore_frozen, zero_frozen_grads
+
+    gen = torch.Generator().manual_seed(3)
+    params = {"w": torch.randn(6, 5, generator=gen), "v": torch.randn(7, generator=gen)}
+    owners = {
+        "w": torch.randint(0, 3, (6, 5), generator=gen, dtype=torch.uint8),
+        "v": torch.zeros(7, dtype=torch.uint8),
+    }
+    shared = {"b": torch.randn(4, generator=gen)}
+    before = {n: p.clone() for n, p in {**params, **shared}.items()}
+    snap = frozen_snapshot(params, owners, shared)
+    assert set(snap) == {"w", "b"}  # "v" has no owned element: nothing to hold
+    every = {**params, **shared}
+    for p in every.values():
+        p.grad = torch.randn(p.shape, generator=gen)
+        p.add_(torch.randn(p.shape, generator=gen))  # an optimizer step moved everything
+    moved, grads = {n: p.clone() for n, p in every.items()}, {n: p.grad.clone() for n, p in every.items()}
+    zero_frozen_grads(every, snap)
+    restore_frozen(every, snap)
+    frozen = owners["w"] != 0
+    assert torch.equal(every["w"].grad, grads["w"].masked_fill(frozen, 0.0))
+    assert torch.equal(every["w"], torch.where(frozen, before["w"], moved["w"]))
+    assert torch.equal(every["v"], moved["v"]) and torch.equal(every["v"].grad, grads["v"])
+    assert torch.equal(every["b"], before["b"]) and not every["b"].grad.any()

@@ -45,6 +45,7 @@ from cl_vla.algorithms.base import CLAlgorithm, TaskContext, rank_and_world, to_
 from cl_vla.algorithms.packnet_masks import (
     MAX_TASKS,
     Snapshot,
+    frozen_entry,
     frozen_snapshot,
     keep_mask,
     prunable_parameter_names,
@@ -285,7 +286,7 @@ class PackNet(CLAlgorithm):
         masks = [self._owners[n] == owner_value for n in self._params]
         # Everything but task_id's elements (earlier tasks', pruned zeros, shared params) is kept.
         self._snapshot = {
-            n: (~m, p.detach()[~m].clone()) for (n, p), m in zip(self._params.items(), masks, strict=True)
+            n: frozen_entry(p, ~m) for (n, p), m in zip(self._params.items(), masks, strict=True)
         }
         self._snapshot.update({n: (None, p.detach().clone()) for n, p in self._shared.items()})
         lr = self.finetune_lr if self.finetune_lr is not None else float(getattr(module, "lr", 1e-4))
