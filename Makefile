@@ -67,7 +67,7 @@ format: install  ## apply ruff fixes and formatting
 bench: install  ## speed and memory benchmarks (prints figures, ratios and limits)
 	$(PY) -m cl_vla.bench $(ARGS)
 
-bench-doc: install  ## regenerate docs/bench.md: every benchmark (~30 min on 2 cores; ARGS="--sections video")
+bench-doc: install  ## regenerate docs/bench.md: every benchmark (~45 min on 2 cores; ARGS="--sections video")
 	$(PY) -m cl_vla.benchmarks.doc $(ARGS)
 
 sweep: install  ## short CPU smoke sweep and its report (make sweep ARGS="seed=0,1,2")
