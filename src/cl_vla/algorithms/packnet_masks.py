@@ -121,7 +121,8 @@ def zero_frozen_grads(params: Mapping[str, torch.Tensor], snapshot: Snapshot) ->
 @torch.no_grad()
 def restore_frozen(params: Mapping[str, torch.Tensor], snapshot: Snapshot) -> None:
     """Put the frozen elements' values back: ``p * keep + values`` is exactly the frozen value where
-    ``keep`` is 0 and exactly ``p`` where it is 1 (only the sign of a zero may change)."""
+    ``keep`` is 0 (``p`` finite there: its gradient was zeroed, so only a diverged step makes it not)
+    and exactly ``p`` where it is 1; only the sign of a zero may change."""
     (ps, keep, values), (whole, whole_values) = _split(params, snapshot, grads=False)
     if ps:
         torch._foreach_mul_(ps, keep)
