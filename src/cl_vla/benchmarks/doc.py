@@ -24,9 +24,9 @@ from typing import Any
 
 SECTIONS = ("tiny_vla", "smolvla_tiny", "video")
 _BENCH = {
-    # Rounds: on a 2-core machine whose speed drifts +-15 % between runs, the median of 3 per-round
-    # ratios moved by up to 0.15 between two benches minutes apart (2026-12-03); 6 keep the controls
-    # (multitask, ER) within 2 % of 1.
+    # Rounds: on a 2-core machine whose speed drifts +-15 % between runs, medians of 3 per-round ratios
+    # moved by up to 0.26 between two benches 20 min apart (2026-12-03); their 6 rounds pooled put the
+    # controls (multitask, ER) within 2 % of 1, but a slow spell can still decide a row (bench_notes.md).
     "tiny_vla": {"steps": 100, "batch": 32, "workers": 2, "model": "tiny_vla", "rounds": 6},
     "smolvla_tiny": {"steps": 100, "batch": 8, "workers": 0, "model": "smolvla_tiny", "rounds": 3},
 }
