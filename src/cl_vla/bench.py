@@ -84,7 +84,7 @@ class BenchArgs:
     model: str = "tiny_vla"
     memory_batch: int | None = None  # None: the training batch
     reps: int = 20  # rounds of the primitive timings
-    rounds: int = 1  # runs of every algorithm, interleaved; ratios are medians of per-round ratios
+    rounds: int = 1  # runs of every algorithm, interleaved; ratios are from each one's best round
     threads: int | None = None  # torch threads the figures were measured with (None: this process's)
     overrides: list[str] = field(default_factory=list)
 
@@ -178,14 +178,14 @@ def run_bench(algos: list[str], args: BenchArgs, console: Console) -> dict[str, 
 
     With ``args.rounds`` > 1 every algorithm runs once a round, in the same order each round, so a
     slow spell of a shared machine hits one round of each, not one algorithm: ``row["rounds"]`` holds
-    each round's steps/s and ``row["steps_per_s"]`` their median.
+    each round's steps/s and ``row["steps_per_s"]`` the best of them (see :func:`_paired_ratios`).
 
     Right after each run the bench also times one fixed plain training step
     (:func:`calibration_seconds`, ``row["calibrations"]``): a probe of the machine's speed, kept in
     the figures but not used in the ratios. Dividing by it was tried (2026-12-03, quiet machine): the
     probe, taken while the finished run's loader workers wind down, varied 0.047-0.095 s where the
     runs themselves varied +-15 %, so it added noise (EWC came out 0.71x of sequential) instead of
-    cancelling drift. The ratios are per-round pairs (:func:`_paired_ratios`)."""
+    cancelling drift. The ratios come from each algorithm's best round (:func:`_paired_ratios`)."""
     rows: dict[str, dict] = {}
     keep: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="cl_vla_bench_") as tmp:
@@ -199,7 +199,7 @@ def run_bench(algos: list[str], args: BenchArgs, console: Console) -> dict[str, 
                 if "primitives" in keep:
                     rows[algo].setdefault("calibrations", []).append(calibration_seconds(keep["primitives"]))
     for row in rows.values():
-        row["steps_per_s"] = statistics.median(row["rounds"])
+        row["steps_per_s"] = max(row["rounds"])
     return rows
 
 
@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     p.add_argument("--memory-batch", type=int, help="GEM / A-GEM memory batch (default: --batch)")
     p.add_argument("--reps", type=int, default=20, help="rounds of the inherent-cost timings")
     p.add_argument(
-        "--rounds", type=int, default=1, help="runs of every algorithm, interleaved (ratios: medians)"
+        "--rounds", type=int, default=1, help="runs of every algorithm, interleaved (ratios: best rounds)"
     )
     p.add_argument("--markdown", type=Path, help="also write the tables as Markdown to this file")
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides")
@@ -263,7 +263,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
 def title_of(args: BenchArgs) -> str:
     threads = args.threads or torch.get_num_threads()
     rounds = (
-        f", median of {args.rounds} interleaved rounds (per-round ratios, min-max in brackets)"
+        f", best of {args.rounds} interleaved rounds (steps/s: best (median); time vs sequential: best"
+        " round over sequential's best round (min-max of the per-round ratios))"
         if args.rounds > 1
         else ""
     )
@@ -321,23 +322,25 @@ def bench_rows(rows: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
     cells = []
     for algo, r in rows.items():
         extra = extra_seconds(algo, prims) if prims else None
-        vs_base, vs_limit, limits = _paired_ratios(r, base_row, extra)
+        vs_base, pairs, vs_limit, limit = _paired_ratios(r, base_row, extra)
         per = r["state_bytes"] / r["stored"] if r["stored"] else None
         work = EXTRA_WORK.get(algo)
-        time_cell = f"{statistics.median(vs_base):.3f}"
-        if len(vs_base) > 1:
-            time_cell += f" ({min(vs_base):.2f}-{max(vs_base):.2f})"
-        within = None if extra is None else statistics.median(vs_limit)
+        time_cell = f"{vs_base:.3f}"
+        if len(pairs) > 1:
+            time_cell += f" ({min(pairs):.2f}-{max(pairs):.2f})"
+        steps_cell = f"{max(r.get('rounds', [r['steps_per_s']])):.2f}"
+        if len(r.get("rounds", [])) > 1:
+            steps_cell += f" ({statistics.median(r['rounds']):.2f})"
         cells.append(
             [
                 algo,
-                f"{r['steps_per_s']:.2f}",
+                steps_cell,
                 time_cell,
                 work.what if work else "-",
                 "-" if extra is None else f"{extra * 1e3:.1f}",
-                "-" if extra is None else f"{statistics.median(limits):.3f}",
-                "-" if within is None else f"{within:.3f}",
-                "-" if within is None else ("yes" if within <= WITHIN else "NO"),
+                "-" if limit is None else f"{limit:.3f}",
+                "-" if vs_limit is None else f"{vs_limit:.3f}",
+                "-" if vs_limit is None else ("yes" if vs_limit <= WITHIN else "NO"),
                 _size(r["state_bytes"]),
                 str(r["stored"]) if r["stored"] else "-",
                 f"{per:.1f}" if per else "-",
@@ -348,19 +351,24 @@ def bench_rows(rows: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
 
 def _paired_ratios(
     row: dict, base_row: dict, extra: float | None
-) -> tuple[list[float], list[float], list[float]]:
-    """Per round: the step time over the base's step time of the same round, over the same round's
-    limit (base step + ``extra``), and that limit over the base step; one value each without rounds.
+) -> tuple[float, list[float], float | None, float | None]:
+    """The verdict ratios from each side's fastest round, and the per-round pairs for the spread.
+
+    Returns the best round's step time over the base's best (``time vs sequential``), the same ratio
+    per round (a round's run over the base's run of that round: its min-max shows the spread), the
+    best time over the limit (the base's best step + ``extra``) and that limit over the base's best.
+    A shared machine's disturbances (another process, a loader worker's page faults) only ever slow a
+    run down, so the fastest round is the least disturbed reading of each (as ``timeit`` takes the
+    minimum); a median still moved by 0.26 between two 3-round benches and a slow spell that hit two of
+    six runs of one algorithm decided its row (see bench_notes.md). Without rounds: one value each.
     The machine-speed probes (``row["calibrations"]``) are not used: see :func:`run_bench`."""
     times = [1.0 / s for s in row.get("rounds", [row["steps_per_s"]])]
     bases = [1.0 / s for s in base_row.get("rounds", [base_row["steps_per_s"]])]
-    if len(bases) != len(times):  # rows of different benches: compare medians
-        times, bases = [1.0 / row["steps_per_s"]], [1.0 / base_row["steps_per_s"]]
-    vs_base = [t / b for t, b in zip(times, bases, strict=True)]
+    pairs = [t / b for t, b in zip(times, bases, strict=True)] if len(times) == len(bases) else []
+    best, base = min(times), min(bases)
     if extra is None:
-        return vs_base, [], []
-    vs_limit = [t / (b + extra) for t, b in zip(times, bases, strict=True)]
-    return vs_base, vs_limit, [(b + extra) / b for b in bases]
+        return best / base, pairs, None, None
+    return best / base, pairs, best / (base + extra), (base + extra) / base
 
 
 def _size(n: int) -> str:

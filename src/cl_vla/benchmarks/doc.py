@@ -24,9 +24,9 @@ from typing import Any
 
 SECTIONS = ("tiny_vla", "smolvla_tiny", "video")
 _BENCH = {
-    # Rounds: on a 2-core machine whose speed drifts +-15 % between runs, medians of 3 per-round ratios
-    # moved by up to 0.26 between two benches 20 min apart (2026-12-03); their 6 rounds pooled put the
-    # controls (multitask, ER) within 2 % of 1, but a slow spell can still decide a row (bench_notes.md).
+    # Rounds: on a 2-core machine whose speed drifts +-15 % between runs, one run per algorithm cannot
+    # read 10 %; each row is judged on its best of 6 interleaved rounds (bench_notes.md: medians of 3
+    # moved by up to 0.26 between two benches 20 min apart, and a slow spell decided rows of 6).
     "tiny_vla": {"steps": 100, "batch": 32, "workers": 2, "model": "tiny_vla", "rounds": 6},
     "smolvla_tiny": {"steps": 100, "batch": 8, "workers": 0, "model": "smolvla_tiny", "rounds": 3},
 }
@@ -43,20 +43,26 @@ Each algorithm trains tiny_vla (or a tiny twin of a hub VLA) on synthetic LIBERO
 cameras, PNG frames) through a two-task sequence; the figures are the second task's steady state (whole
 optimizer steps between consecutive `after_backward` calls, the first fifth of the task left out).
 
-- **time vs sequential**: the algorithm's step time over `sequential`'s, in the same run.
+- **rounds**: every algorithm runs once a round, in the same order, several rounds in one process.
+  A shared machine's disturbances only slow a run down, so each row is judged on its fastest round
+  (as `timeit` takes the minimum): **steps/s** is the best round (the median in brackets).
+- **time vs sequential**: the algorithm's best step time over `sequential`'s best, in the same
+  bench; in brackets the min-max of the per-round ratios (each round's run over that round's
+  `sequential`), the spread a single run would show.
 - **inherent extra work**: what the method itself adds to a step, timed in the same process right
   after the `sequential` run, on the trained policy and real preprocessed batches, with plain torch
   kernels independent of `cl_vla.algorithms` (`cl_vla.benchmarks.inherent`): the median of
   interleaved rounds. GEM and A-GEM use a memory batch equal to the training batch. Reading the
   frames a method needs beyond the training batch (A-GEM's and GEM's memory batches, MIR's
   candidates: decode, collate, preprocess) is part of its work, timed in the main process.
-- **limit**: (`sequential`'s measured step + that extra work) / `sequential`'s step. An algorithm
+- **limit**: (`sequential`'s best step + that extra work) / `sequential`'s best step. An algorithm
   cannot be faster than its limit except where work runs beside the main process: the training
   loader, and the memory reads that GEM, A-GEM and MIR do ahead in loader workers
   (`cl_vla.algorithms.memory_prefetch`), which a free core hides. `data.memory_workers=auto` (the
   default) only starts those workers where cores are free; on a 2-core CPU run the reads happen
   inside the step, as the limit counts them.
-- **measured / limit**, **within 10 %**: above 1.10 the implementation costs more than its method's
+- **measured / limit**, **within 10 %**: the best step over (`sequential`'s best step + the extra
+  work); above 1.10 the implementation costs more than its method's
   work: a regression, or work that could move (see the profile notes below the table).
 - **extra memory**: the algorithm's checkpointed state after two tasks.
 
