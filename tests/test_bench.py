@@ -260,6 +260,43 @@ def test_primitives_do_the_work_they_stand_for():
     assert bool((prims.params[0].grad[prims.free[0] == 0] == 0).all())
 
 
+class _ChunkInStepPolicy(_ToyPolicy):
+    """Like tiny_vla: the training forward returns the distilled chunk with its outputs."""
+
+    def forward(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        pred = self.compute_outputs(batch)["action_pred"]
+        return (pred - batch["action"]).square().mean(), {"action_pred": pred}
+
+
+@pytest.mark.parametrize("policy_cls, own_forward", [(_ToyPolicy, True), (_ChunkInStepPolicy, False)])
+def test_distillation_primitives_add_the_students_forward_only_where_the_step_has_no_chunk(
+    policy_cls, own_forward
+):
+    """Flow VLAs' training forward gives no ``action_pred``: LwF and DER++ then run the student's
+    ``compute_outputs`` with its backward (their limit must count it); tiny_vla's step gives it."""
+    from cl_vla.benchmarks.inherent import Primitives
+
+    prims = Primitives(
+        policy_cls(),
+        lambda n: {"x": torch.randn(n, 4), "action": torch.randn(n, 1, 3)},
+        batch_size=8,
+        memory_batch=4,
+        candidates=4,
+        k=2,
+        replayed=3,
+    )
+    assert prims.step_gives_chunk is not own_forward
+    rows: list[int] = []
+    real = prims.policy.compute_outputs
+    prims.policy.compute_outputs = lambda batch: rows.append(len(batch["x"])) or real(batch)
+    prims.policy.zero_grad()
+    prims.distill_loss()
+    prims.replay_loss_terms()
+    assert rows == ([8, 3] if own_forward else [])
+    # the student's forward is differentiated: its parameters get gradients
+    assert (prims.policy.lin.weight.grad is not None) is own_forward
+
+
 @pytest.mark.slow  # imports peft (about 10 s of CPU)
 def test_lora_primitive_trains_only_the_new_adapter():
     prims = _toy_primitives(with_lora=True)
@@ -321,3 +358,16 @@ def test_bench_doc_renders_saved_figures_with_limits_and_loader_ratios(tmp_path)
     assert "| si | 8.00 | 1.250 | quadratic penalty + path integral | 5.0 | 1.050 | 1.190 | NO |" in text
     assert "| 2 | 300 | 291 | 200 | 1.50 | 0.97 |" in text
     assert "## smolvla_tiny" in text and "Not measured yet" in text
+
+
+def test_bench_doc_waits_for_the_load_of_the_section_before_to_fall(monkeypatch):
+    from cl_vla.benchmarks import doc
+
+    loads = iter([3.0, 2.0, 0.4])
+    monkeypatch.setattr(doc.os, "getloadavg", lambda: (next(loads), 0.0, 0.0))
+    monkeypatch.setattr(doc.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(doc.time, "sleep", lambda s: None)
+    doc.settle(limit_s=60)
+    assert next(loads, None) is None  # polled until the load fell below half the cores
+    monkeypatch.setattr(doc.os, "getloadavg", lambda: (9.0, 0.0, 0.0))
+    assert doc.settle(limit_s=0.0) == pytest.approx(0.0, abs=0.5)  # and gives up at the limit

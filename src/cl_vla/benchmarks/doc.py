@@ -84,6 +84,15 @@ def _conditions(meta: dict[str, Any]) -> str:
     )
 
 
+def settle(limit_s: float = 180.0, poll_s: float = 5.0) -> float:
+    """Wait until the 1-minute load average is back below half the cores (the bench's own loader
+    workers keep it up for about a minute after a section), at most ``limit_s``; returns the wait."""
+    start = time.perf_counter()
+    while os.getloadavg()[0] >= 0.5 * (os.cpu_count() or 1) and time.perf_counter() - start < limit_s:
+        time.sleep(poll_s)
+    return time.perf_counter() - start
+
+
 def run_section(
     name: str, steps: int | None = None, algorithms: str = "all", reps: int = 20, rounds: int | None = None
 ) -> dict[str, Any]:
@@ -197,6 +206,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--rounds", type=int, help="interleaved runs of each algorithm (default: tiny_vla 6, smolvla_tiny 3)"
     )
+    p.add_argument(
+        "--settle",
+        type=float,
+        default=180.0,
+        help="most seconds to wait for the load to fall, between sections",
+    )
     a = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     sections = [s for s in a.sections.split(",") if s]
@@ -207,7 +222,9 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"--rounds must be at least 1, got {a.rounds}.")
     a.results.mkdir(parents=True, exist_ok=True)
     if not a.render_only:
-        for name in sections:
+        for i, name in enumerate(sections):
+            if i:  # the section before loaded the machine: its load average would call this one loaded
+                settle(limit_s=a.settle)
             figures = run_section(name, a.steps, a.algorithms, a.reps, a.rounds)
             (a.results / f"{name}.json").write_text(json.dumps(figures, indent=1))
     saved = {

@@ -9,7 +9,11 @@ the same policy and real preprocessed batches, right after the ``sequential`` ru
 - EWC / online EWC: the quadratic penalty ``c * sum F (theta - theta*)^2``, forward and backward;
 - SI: that penalty plus its path integral (copy theta, subtract, multiply-accumulate into omega);
 - LwF: one no-grad forward of a frozen teacher on the batch, plus the distillation loss;
-- DER++: the two loss terms on the replayed rows (their outputs come from the training forward);
+- DER++: the two loss terms on the replayed rows;
+- for both, where the training forward does not give the distilled chunk (``action_pred``: lerobot's
+  flow-matching VLAs, whose training forward draws a random time and noise), also the student's own
+  forward and backward for it (``compute_outputs``, on the batch for LwF, on the replayed rows for
+  DER++): the method needs that output with its gradient, and nothing else computes it;
 - MIR: reading its candidates' frames, the virtual SGD step, two no-grad forwards over the candidates,
   a forward/backward on the top k;
 - A-GEM / GEM (one past task): reading a memory batch's frames, one forward/backward on it, plus the
@@ -57,8 +61,13 @@ EXTRA_WORK: dict[str, ExtraWork] = {
     "ewc": ExtraWork("quadratic penalty fwd+bwd", ("penalty",)),
     "ewc_online": ExtraWork("quadratic penalty fwd+bwd", ("penalty",)),
     "si": ExtraWork("quadratic penalty + path integral", ("penalty", "si_path_integral")),
-    "lwf": ExtraWork("teacher forward (no grad) + distill loss", ("teacher_forward", "distill_loss")),
-    "derpp": ExtraWork("loss terms on replayed rows", ("replay_loss_terms",)),
+    "lwf": ExtraWork(
+        "teacher forward (no grad) + distill loss (+ the student's chunk fwd/bwd where the step has none)",
+        ("teacher_forward", "distill_loss"),
+    ),
+    "derpp": ExtraWork(
+        "loss terms on replayed rows (+ their chunk fwd/bwd where the step has none)", ("replay_loss_terms",)
+    ),
     "mir": ExtraWork(
         "read candidates + virtual step + 2 fwd over them + fwd/bwd on top k",
         ("read_candidates", "virtual_step", "score_candidates", "retrieved_fwd_bwd"),
@@ -121,6 +130,15 @@ def _rows(batch: Mapping[str, Any], n: int) -> dict[str, Any]:
     return out
 
 
+def _step_gives_chunk(policy: torch.nn.Module, batch: Mapping[str, Any]) -> bool:
+    """Whether the policy's training forward returns the distilled chunk (``action_pred``) with its
+    outputs, so LwF and DER++ need no forward of their own for the student (tiny_vla: yes)."""
+    with torch.no_grad():
+        out = policy.forward(dict(batch))
+    info = out[1] if isinstance(out, tuple) and len(out) > 1 else None
+    return isinstance(info, Mapping) and isinstance(info.get("action_pred"), Tensor)
+
+
 def _loss(policy: torch.nn.Module, batch: Mapping[str, Any]) -> Tensor:
     out = policy.forward(dict(batch))
     return (out[0] if isinstance(out, tuple) else out).mean()
@@ -178,6 +196,7 @@ class Primitives:
         self.frozen_values = torch._foreach_mul(ps, torch._foreach_sub(self.free, 1.0))
         torch._foreach_neg_(self.frozen_values)  # theta * (1 - free)
         self.teacher = copy.deepcopy(self.policy).eval().requires_grad_(False)
+        self.step_gives_chunk = _step_gives_chunk(self.policy, self.batch)
         self.lora = self._lora_model(lora) if lora is not None else None
 
     # ---- the plain step and its variants ------------------------------------------------------------
@@ -247,18 +266,27 @@ class Primitives:
             self.teacher.compute_outputs(dict(self.batch))
 
     def _chunk_loss(self, rows: int) -> None:
-        pred = self.batch["action"][:rows].detach().float().clone().requires_grad_(True)
-        target = torch.zeros_like(pred)
-        (pred - target).square().mean().backward()
+        """An L2 on ``rows`` rows of the student's chunk, backward: on the chunk the training forward
+        already computed, or where it computes none (flow VLAs) through the student's own
+        ``compute_outputs`` forward on those rows, as LwF and DER++ then do."""
+        if self.step_gives_chunk:
+            pred = self.batch["action"][:rows].detach().float().clone().requires_grad_(True)
+        else:
+            pred = self.policy.compute_outputs(_rows(self.batch, rows))["action_pred"]
+        pred.square().mean().backward()
 
     def distill_loss(self) -> None:
-        """The L2 between the student's chunk (already computed by the step) and the teacher's."""
+        """The L2 between the student's chunk and the teacher's, on the batch."""
         self._chunk_loss(len(self.batch["action"]))
 
     def replay_loss_terms(self) -> None:
-        """DER++'s output-matching and reweighted losses on the replayed rows (two small L2 terms)."""
-        self._chunk_loss(self.replayed)
-        self._chunk_loss(self.replayed)
+        """DER++'s output-matching and reweighted losses on the replayed rows (two small L2 terms on
+        one chunk of theirs)."""
+        if self.step_gives_chunk:
+            self._chunk_loss(self.replayed)
+            self._chunk_loss(self.replayed)
+        else:  # one forward for both terms, as DER++ does
+            self._chunk_loss(self.replayed)
 
     # ---- reading the frames a method needs beyond the training batch -------------------------------
 
