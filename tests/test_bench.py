@@ -371,3 +371,24 @@ def test_bench_doc_waits_for_the_load_of_the_section_before_to_fall(monkeypatch)
     assert next(loads, None) is None  # polled until the load fell below half the cores
     monkeypatch.setattr(doc.os, "getloadavg", lambda: (9.0, 0.0, 0.0))
     assert doc.settle(limit_s=0.0) == pytest.approx(0.0, abs=0.5)  # and gives up at the limit
+
+
+def test_video_loader_pass_cycles_past_an_epoch_and_alternates_the_order(monkeypatch):
+    import argparse
+
+    from cl_vla.benchmarks import video_loader
+
+    epoch = [{"action": torch.zeros(4, 1)} for _ in range(3)]  # 3 batches, as a short dataset's epoch
+    assert video_loader.samples_per_s(lambda: epoch, num_batches=8) > 0  # 7 timed batches over 3 epochs
+    order: list[str] = []
+    monkeypatch.setattr(video_loader, "ours", lambda data, replay, *a: "ours_replay" if replay else "ours")
+    monkeypatch.setattr(video_loader, "lerobots", lambda *a: "lerobot")
+
+    def rate(make, n):
+        order.append(make())
+        return float(len(order))
+
+    monkeypatch.setattr(video_loader, "samples_per_s", rate)
+    rates = video_loader.measure(None, None, [2], argparse.Namespace(repeats=2, batch=4, batches=2), "pyav")
+    assert order == ["ours", "ours_replay", "lerobot", "lerobot", "ours_replay", "ours"]
+    assert rates == {("ours", 2): 6.0, ("ours_replay", 2): 5.0, ("lerobot", 2): 4.0}  # best pass each
