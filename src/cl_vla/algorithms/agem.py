@@ -13,23 +13,30 @@ The memory, its checkpointing, how frames are loaded and the DDP averaging of ``
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 import torch
 
-from cl_vla.algorithms.gem import EpisodicGradientAlgorithm
+from cl_vla.algorithms.gem import EpisodicGradientAlgorithm, shard_reduction
 from cl_vla.algorithms.gradient_projection import flat_grad, write_flat_grad
 from cl_vla.algorithms.parameters import policy_of, trainable_parameters
 
 
-def agem_project(g: torch.Tensor, g_ref: torch.Tensor) -> torch.Tensor:
-    """``g`` if ``g . g_ref >= 0`` (or ``g_ref`` is zero), else ``g - (g . g_ref / g_ref . g_ref) g_ref``."""
+def agem_project(
+    g: torch.Tensor, g_ref: torch.Tensor, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+) -> torch.Tensor:
+    """``g`` if ``g . g_ref >= 0`` (or ``g_ref`` is zero), else ``g - (g . g_ref / g_ref . g_ref) g_ref``.
+
+    ``reduce`` completes the two inner products when ``g`` and ``g_ref`` are this rank's FSDP shards
+    (one all-reduce of two numbers); the projection itself is then local."""
     if g.shape != g_ref.shape or g.ndim != 1:
         raise ValueError(f"agem_project needs two vectors of one shape, got {g.shape} and {g_ref.shape}.")
     dot = torch.dot(g, g_ref)
     ref_sq = torch.dot(g_ref, g_ref)
+    if reduce is not None:
+        dot, ref_sq = reduce(torch.stack([dot, ref_sq]))
     if not bool(dot < 0) or not bool(ref_sq > 0):
         return g
     return g - (dot / ref_sq) * g_ref
@@ -62,10 +69,10 @@ class AGEM(EpisodicGradientAlgorithm):
             return
         params = list(trainable_parameters(policy_of(module)).values())
         (memory_batch,) = self._memory_batches()
-        g_ref = self._average_over_ranks(self._memory_gradient(module, params, memory_batch))
+        g_ref = self._average_over_ranks(self._memory_gradient(module, params, memory_batch), params)
         self.num_steps += 1  # only once the step's draw was used: a failed step is drawn again
         g = flat_grad(params).detach()
-        projected = agem_project(g, g_ref)
+        projected = agem_project(g, g_ref, shard_reduction(params))
         changed = projected is not g
         if changed:
             write_flat_grad(params, projected)

@@ -23,9 +23,15 @@ from torch import Tensor, nn
 from torch.utils.data import Subset
 
 from cl_vla.algorithms.base import CLAlgorithm, TaskContext, rank_and_world
-from cl_vla.algorithms.fisher import add_batch_square_grads, add_per_sample_square_grads
+from cl_vla.algorithms.fisher import (
+    _batch_len,
+    _slice_sample,
+    add_batch_square_grads,
+    add_per_sample_square_grads,
+)
 from cl_vla.algorithms.parameters import trainable_parameters
 from cl_vla.algorithms.quadratic_penalty import quadratic_penalty
+from cl_vla.algorithms.sharded import any_sharded, gathered, like
 
 _STATE_VERSION = 1
 _MODES = ("separate", "online")
@@ -146,10 +152,11 @@ class EWC(CLAlgorithm):
                 p = params.get(name)
                 if p is None:
                     continue
-                if f.device != p.device or f.dtype != p.dtype:
-                    # Moved once, then kept there: a restored state arrives on the CPU.
-                    fisher[name] = f = f.to(device=p.device, dtype=p.dtype)
-                    anchor[name] = anchor[name].to(device=p.device, dtype=p.dtype)
+                placed = like(f, p)
+                if placed is not f:
+                    # Placed once, then kept there: a restored state arrives whole, on the CPU.
+                    fisher[name] = f = placed
+                    anchor[name] = like(anchor[name], p)
                 ps.append(p)
                 fs.append(f)
                 anchors.append(anchor[name])
@@ -205,6 +212,8 @@ class EWC(CLAlgorithm):
             raise ValueError("cannot compute a Fisher on an empty dataset; the task needs at least 1 frame.")
         # Evenly spaced frames: every episode of the task contributes, and no random draw to re-do on resume.
         positions = [(i * n) // k for i in range(k)]
+        if any_sharded(list(params.values())):
+            return self._sharded_fisher(policy, compute_loss, Subset(dataset, positions), make_loader, params)
         rank, world = rank_and_world()
         shard = Subset(dataset, positions[rank::world])
         loader = make_loader(shard, batch_size=self.fisher_batch_size, shuffle=False)
@@ -251,6 +260,55 @@ class EWC(CLAlgorithm):
             offset += size
         return out
 
+    def _sharded_fisher(
+        self,
+        policy: nn.Module,
+        compute_loss: Callable[[dict], tuple[Tensor, dict]],
+        frames: Any,
+        make_loader: Callable[..., Iterable[dict]],
+        params: Mapping[str, Tensor],
+    ) -> dict[str, Tensor]:
+        """The Fisher of an FSDP-sharded policy, held sharded like its parameters.
+
+        FSDP averages every gradient over the ranks, so a per-sample gradient exists only when every
+        rank runs the same sample: each rank runs every frame (``backward``, FSDP's hooks reduce-scatter
+        it) and squares its own shard of the gradient. The frames and the mean are DDP's; the cost is one
+        rank's share of the work on every rank.
+        """
+        loader = make_loader(frames, batch_size=self.fisher_batch_size, shuffle=False)
+        sums = {name: torch.zeros_like(p.detach(), dtype=torch.float32) for name, p in params.items()}
+        saved = {name: p.grad for name, p in params.items()}
+        count = 0
+        was_training = policy.training
+        policy.eval()
+        any_p = next(iter(params.values()))
+        devices = [any_p.device.index or 0] if any_p.device.type == "cuda" else []
+        try:
+            with torch.random.fork_rng(devices=devices), torch.enable_grad():
+                torch.manual_seed(_FISHER_SEED)
+                for batch in loader:
+                    size = _batch_len(batch)
+                    pieces = (
+                        [batch]
+                        if self.fisher == "batch"
+                        else [_slice_sample(batch, i, size) for i in range(size)]
+                    )
+                    for piece in pieces:
+                        for p in params.values():
+                            p.grad = None
+                        compute_loss(piece)[0].mean().backward()
+                        for name, p in params.items():
+                            if p.grad is not None:
+                                sums[name].add_(p.grad.detach().to(torch.float32).square())
+                    count += 1 if self.fisher == "batch" else size
+        finally:
+            policy.train(was_training)
+            for name, p in params.items():
+                p.grad = saved[name]
+        if count <= 0:
+            raise ValueError(f"the Fisher saw {count} samples; fisher_samples={self.fisher_samples}.")
+        return {name: (s / count).to(params[name].dtype) for name, s in sums.items()}
+
     # ---- the seed's interface -------------------------------------------------------------------
 
     def observe(self, batch: Mapping[str, Any], **kwargs: Any) -> None:
@@ -284,7 +342,7 @@ class EWC(CLAlgorithm):
         """Hyperparameters plus every Fisher and anchor (CPU tensors), keyed by task id as a string."""
 
         def cpu(d: Mapping[str, Tensor]) -> dict[str, Tensor]:
-            return {n: t.detach().to("cpu", copy=True) for n, t in d.items()}
+            return {n: gathered(t) for n, t in d.items()}  # whole tensors, also from FSDP shards
 
         return {
             "name": self.name,

@@ -31,7 +31,7 @@ A-GEM's) does not depend on that scale, the margin term does (bf16 and fp32 have
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -44,6 +44,7 @@ from cl_vla.algorithms.gradient_projection import flat_grad, gem_project, non_ne
 from cl_vla.algorithms.memory_prefetch import MemoryPrefetcher
 from cl_vla.algorithms.parameters import policy_of, trainable_parameters
 from cl_vla.algorithms.replay_memory import ReplayMemory, entropy
+from cl_vla.algorithms.sharded import any_sharded
 
 _STATE_VERSION = 1
 
@@ -69,6 +70,20 @@ def _module_device(module: Any, params: Sequence[torch.Tensor]) -> torch.device:
     if isinstance(device, torch.device):
         return device
     return params[0].device if params else torch.device("cpu")
+
+
+def shard_reduction(params: Sequence[torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """Under FSDP, the all-reduce (sum) that completes inner products of this rank's gradient shards;
+    None for whole tensors."""
+    if not any_sharded(params):
+        return None
+
+    def reduce(t: torch.Tensor) -> torch.Tensor:
+        t = t.clone()
+        dist.all_reduce(t)
+        return t
+
+    return reduce
 
 
 class EpisodicGradientAlgorithm(CLAlgorithm):
@@ -200,17 +215,32 @@ class EpisodicGradientAlgorithm(CLAlgorithm):
         return default_collate([ds[i] for i in range(len(ds))])
 
     def _memory_gradient(self, module: Any, params: Sequence[torch.Tensor], batch: Mapping) -> torch.Tensor:
-        """The gradient of the policy loss on a memory ``batch``, leaving ``.grad`` untouched."""
+        """The gradient of the policy loss on a memory ``batch``, leaving ``.grad`` untouched.
+
+        Under FSDP this rank's shards of it, already averaged over the ranks: only ``backward`` runs
+        FSDP's gradient reduction, so it runs with the step's gradients set aside and put back."""
         batch = to_device(dict(batch), _module_device(module, params))
+        if any_sharded(params):
+            saved = [p.grad for p in params]
+            for p in params:
+                p.grad = None
+            try:
+                with torch.enable_grad():
+                    module.compute_loss(batch)[0].backward()
+                return flat_grad(params).detach().clone()
+            finally:
+                for p, g in zip(params, saved, strict=True):
+                    p.grad = g
         with torch.enable_grad():
             loss, _ = module.compute_loss(batch)
             grads = torch.autograd.grad(loss, list(params), allow_unused=True)
         return flat_grad(params, grads).detach()
 
     @staticmethod
-    def _average_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
+    def _average_over_ranks(tensor: torch.Tensor, params: Sequence[torch.Tensor]) -> torch.Tensor:
+        """DDP: the mean of every rank's memory gradient (FSDP's backward already took it)."""
         _, world = rank_and_world()
-        if world > 1:
+        if world > 1 and not any_sharded(params):
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
             tensor /= world
         return tensor
@@ -291,10 +321,10 @@ class GEM(EpisodicGradientAlgorithm):
             return
         params = list(trainable_parameters(policy_of(module)).values())
         G = torch.stack([self._memory_gradient(module, params, b) for b in self._memory_batches()])
-        G = self._average_over_ranks(G)
+        G = self._average_over_ranks(G, params)
         self.num_steps += 1  # only once the step's draw was used: a failed step is drawn again
         g = flat_grad(params).detach()
-        projected = gem_project(g, G, self.margin)
+        projected = gem_project(g, G, self.margin, shard_reduction(params) or (lambda t: t))
         changed = projected is not g
         if changed:
             write_flat_grad(params, projected)

@@ -7,12 +7,14 @@ one-constraint projection stays beside it). :func:`gem_project` is pure math, te
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from scipy.optimize import nnls
+
+from cl_vla.algorithms.sharded import local
 
 
 def non_negative_float(name: str, value: Any) -> float:
@@ -26,7 +28,16 @@ def non_negative_float(name: str, value: Any) -> float:
     return float(value)
 
 
-def gem_project(g: torch.Tensor, G: torch.Tensor, margin: float = 0.0) -> torch.Tensor:
+def _no_reduce(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def gem_project(
+    g: torch.Tensor,
+    G: torch.Tensor,
+    margin: float = 0.0,
+    reduce: Callable[[torch.Tensor], torch.Tensor] = _no_reduce,
+) -> torch.Tensor:
     """GEM's projection of the gradient ``g`` (shape ``(n,)``) against past gradients ``G`` (``(K, n)``).
 
     Returns ``g`` itself when ``G @ g >= 0`` already holds. Otherwise returns ``g + G^T v`` with ``v``
@@ -34,6 +45,10 @@ def gem_project(g: torch.Tensor, G: torch.Tensor, margin: float = 0.0) -> torch.
     ``margin = 0`` the closest vector to ``g`` with ``G @ g~ >= 0``; for ``margin > 0`` the closest such
     vector to ``g + margin * G^T 1``. The K x K dual is solved exactly as non-negative least squares on
     a square root of ``G G^T`` (rank-deficient ``G``, e.g. two equal past gradients, is fine).
+
+    ``reduce`` completes partial inner products: under FSDP ``g`` and ``G`` are this rank's shards of
+    the vectors, ``G @ g`` and ``G @ G^T`` are local sums and ``reduce`` all-reduces them (one collective
+    of K + K^2 numbers); the K x K problem is then the same on every rank and ``g + G^T v`` local.
     """
     if G.ndim != 2 or g.ndim != 1 or G.shape[1] != g.shape[0]:
         raise ValueError(
@@ -42,10 +57,12 @@ def gem_project(g: torch.Tensor, G: torch.Tensor, margin: float = 0.0) -> torch.
     margin = non_negative_float("margin", margin)
     if G.shape[0] == 0:
         return g
-    dots = G @ g
+    K = G.shape[0]
+    both = reduce(torch.cat([G @ g, (G @ G.T).reshape(-1)]))
+    dots, gram_t = both[:K], both[K:].view(K, K)
     if not bool((dots < 0).any()):
         return g
-    gram = (G @ G.T).double().cpu().numpy()
+    gram = gram_t.double().cpu().numpy()
     gram = 0.5 * (gram + gram.T)
     # Shift v = margin + w (w >= 0): the linear term becomes G (g + margin G^T 1).
     c = dots.double().cpu().numpy() + margin * gram.sum(axis=1)
@@ -67,21 +84,26 @@ def flat_grad(
 ) -> torch.Tensor:
     """``params``' gradients (``.grad`` unless ``grads`` is given) as one vector; ``None`` counts as 0."""
     grads = [p.grad for p in params] if grads is None else list(grads)
+    # FSDP: this rank's shards (``local`` is the identity for plain tensors).
     return torch.cat(
-        [(torch.zeros_like(p) if gr is None else gr).reshape(-1) for p, gr in zip(params, grads, strict=True)]
+        [
+            (torch.zeros_like(local(p)) if gr is None else local(gr)).reshape(-1)
+            for p, gr in zip(params, grads, strict=True)
+        ]
     )
 
 
 def write_flat_grad(params: Sequence[torch.Tensor], vector: torch.Tensor) -> None:
-    """Copy ``vector`` into ``params``' ``.grad`` in place (creating missing ones)."""
+    """Copy ``vector`` into ``params``' ``.grad`` in place (creating missing ones); under FSDP
+    ``vector`` is this rank's shards, as :func:`flat_grad` gave them."""
     offset = 0
     for p in params:
-        n = p.numel()
-        chunk = vector[offset : offset + n].view_as(p)
+        shard = local(p)
+        n = shard.numel()
+        chunk = vector[offset : offset + n].view_as(shard)
         if p.grad is None:
-            p.grad = chunk.detach().clone()
-        else:
-            p.grad.copy_(chunk)
+            p.grad = torch.zeros_like(p.detach())  # sharded like ``p`` under FSDP
+        local(p.grad).copy_(chunk)
         offset += n
 
 

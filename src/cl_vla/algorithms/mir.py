@@ -18,6 +18,7 @@ from cl_vla.algorithms.der import eval_mode, forked_rng, take_rows
 from cl_vla.algorithms.er import ReplayBuffer, _is_positive_int
 from cl_vla.algorithms.memory_prefetch import MemoryPrefetcher
 from cl_vla.algorithms.replay_memory import entropy
+from cl_vla.algorithms.sharded import any_sharded, local
 
 # A stream word of its own, so candidate draws never coincide with ER's populate/sample streams (1, 2).
 _CANDIDATE_STREAM = 3
@@ -163,7 +164,12 @@ class MIR(ReplayBuffer):
         self.last_retrieved = [pairs[i][1] for i in top]
         self.last_scores = scores[top].detach()
         replay = take_rows(candidates, top, len(pairs))
-        loss = policy.forward(replay)[0].mean()
+        loss = policy(replay)[0].mean()
+        if any_sharded(list(params.values())):
+            # FSDP's backward averages over the ranks and adds to the step's gradient shards.
+            loss.backward()
+            self.last_replay_loss = loss.detach()
+            return
         names = list(params)
         grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
         _, world = rank_and_world()
@@ -233,13 +239,36 @@ def interference_scores(
     ``params`` are the parameters whose ``.grad`` defines the virtual step (others stay as they are).
     Evaluated in eval mode under a forked RNG seeded with ``noise_seed`` for both passes.
     """
-    virtual = {n: p.detach() - lr * p.grad for n, p in params.items()}
     with torch.no_grad(), eval_mode(policy):
         with forked_rng(policy, noise_seed):
             before = per_sample_losses(policy, batch)
-        with forked_rng(policy, noise_seed):
-            after = per_sample_losses(policy, batch, virtual)
+        if any_sharded(list(params.values())):
+            after = _after_virtual_step_in_place(policy, batch, params, lr, noise_seed)
+        else:
+            virtual = {n: p.detach() - lr * p.grad for n, p in params.items()}
+            with forked_rng(policy, noise_seed):
+                after = per_sample_losses(policy, batch, virtual)
     return after - before
+
+
+def _after_virtual_step_in_place(
+    policy: torch.nn.Module,
+    batch: Mapping[str, Any],
+    params: Mapping[str, Tensor],
+    lr: float,
+    noise_seed: int,
+) -> Tensor:
+    """FSDP: the virtual step taken on this rank's shards in place (FSDP gathers what the forward
+    reads), the losses read, the shards put back bit for bit. Holds one copy of the shards (1/N)."""
+    shards = [local(p) for p in params.values()]
+    saved = [s.clone() for s in shards]
+    try:
+        # theta - lr * grad as the whole-tensor path computes it (product, then difference).
+        torch._foreach_sub_(shards, torch._foreach_mul([local(p.grad) for p in params.values()], lr))
+        with forked_rng(policy, noise_seed):
+            return per_sample_losses(policy, batch)
+    finally:
+        torch._foreach_copy_(shards, saved)
 
 
 def per_sample_losses(

@@ -15,6 +15,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from cl_vla.algorithms.sharded import any_sharded, global_sum, local
+
 
 class _FusedQuadratic(torch.autograd.Function):
     @staticmethod
@@ -54,11 +56,20 @@ def quadratic_penalty(
 
     ``weights`` and ``anchors`` must match ``params`` in shape, dtype and device (callers move their
     state once). Falls back to per-tensor arithmetic when dtypes differ across tensors, which the fused
-    kernels do not mix. With ``keep`` (an empty list), the fused path appends ``w_i (params_i -
-    anchors_i)`` to it, detached: half the penalty's gradient, which SI needs again after backward.
+    kernels do not mix. Sharded (FSDP) parameters, weights and anchors give the global penalty from
+    local sums and one all-reduce (:mod:`cl_vla.algorithms.sharded`). With ``keep`` (an empty list), the
+    fused path appends ``w_i (params_i - anchors_i)`` to it, detached: half the penalty's gradient,
+    which SI needs again after backward.
     """
     if not params:
         raise ValueError("quadratic_penalty needs at least one parameter.")
+    if any_sharded(params):
+        # FSDP: each rank sums its shards' terms (gradients reach the sharded parameters through
+        # ``to_local``), then one all-reduce of the scalar gives every rank the whole penalty.
+        part = quadratic_penalty(
+            c, [local(p) for p in params], [local(w) for w in weights], [local(a) for a in anchors], keep
+        )
+        return global_sum(part, sharded=True)
     if len({p.dtype for p in params}) > 1:
         terms = [(w * (p - a).square()).sum() for p, w, a in zip(params, weights, anchors, strict=True)]
         return sum(terms[1:], terms[0]) * c

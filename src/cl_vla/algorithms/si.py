@@ -21,6 +21,7 @@ from torch import Tensor
 
 from cl_vla.algorithms.base import CLAlgorithm, TaskContext
 from cl_vla.algorithms.quadratic_penalty import quadratic_penalty
+from cl_vla.algorithms.sharded import gathered, is_dtensor, like, local
 
 _STATE_VERSION = 1
 
@@ -118,8 +119,9 @@ class SI(CLAlgorithm):
         if not names:
             self._pending = {}
             return
-        grads = [params[n].grad.detach() for n in names]
-        ps = [params[n].detach() for n in names]
+        # Under FSDP each rank works on its own shards (local views of the DTensors; omega stays sharded).
+        grads = [local(params[n].grad).detach() for n in names]
+        ps = [local(params[n]).detach() for n in names]
         wide = torch.promote_types(grads[0].dtype, torch.float32)
         scale = _loss_scale(module)
         if all(g.dtype == wide and p.dtype == wide for g, p in zip(grads, ps, strict=True)):
@@ -141,8 +143,8 @@ class SI(CLAlgorithm):
             if kept is not None and kept[0] == [names[i] for i in penalized]:
                 shift = kept[1]
             else:
-                omegas = [self._to(self._big_omega, names[i], ps[i]) for i in penalized]
-                anchors = [self._to(self._anchor, names[i], ps[i]) for i in penalized]
+                omegas = [local(self._to(self._big_omega, names[i], params[names[i]])) for i in penalized]
+                anchors = [local(self._to(self._anchor, names[i], params[names[i]])) for i in penalized]
                 shift = torch._foreach_sub([ps[i] for i in penalized], anchors)
                 torch._foreach_mul_(shift, omegas)
             torch._foreach_add_([g_list[i] for i in penalized], shift, alpha=-2.0 * self.si_c)
@@ -170,7 +172,7 @@ class SI(CLAlgorithm):
         params = dict(module.policy.named_parameters())
         names = [n for n in self._pending if n in params]
         g = [self._pending[n][0] for n in names]
-        after = [params[n].detach().to(t.dtype) for n, t in zip(names, g, strict=True)]
+        after = [local(params[n]).detach().to(t.dtype) for n, t in zip(names, g, strict=True)]
         # In place, in the buffer that held theta before the step: (before - after) * g is exactly
         # -(g * delta) (negation is exact), so omega += it equals omega -= g * delta bit for bit.
         minus_delta = [self._pending[n][1] for n in names]
@@ -182,17 +184,18 @@ class SI(CLAlgorithm):
                 t.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
         for n, t in zip(names, minus_delta, strict=True):
             if n not in self._omega:
-                self._omega[n] = torch.zeros_like(t)
-        omega = [self._to(self._omega, n, t) for n, t in zip(names, minus_delta, strict=True)]
+                self._omega[n] = torch.zeros_like(params[n].detach(), dtype=t.dtype)
+        omega = [local(self._to(self._omega, n, params[n])) for n in names]
         torch._foreach_add_(omega, minus_delta)  # omega += -g * delta
         self._pending = {}
 
     @staticmethod
-    def _to(store: dict[str, Tensor], name: str, like: Tensor) -> Tensor:
-        """``store[name]`` on ``like``'s device (moved once and kept: a restored state is on the CPU)."""
+    def _to(store: dict[str, Tensor], name: str, param: Tensor) -> Tensor:
+        """``store[name]`` on ``param``'s device and sharded like it (placed once and kept: a restored
+        state arrives whole, on the CPU); its dtype is kept."""
         t = store[name]
-        if t.device != like.device:
-            store[name] = t = t.to(like.device)
+        if is_dtensor(param) != is_dtensor(t) or t.device != param.device:
+            store[name] = t = like(t, param, dtype=t.dtype)
         return t
 
     # ---- the penalty ----------------------------------------------------------------------------
@@ -259,7 +262,7 @@ class SI(CLAlgorithm):
         """Hyperparameters, ``omega``, ``Omega``, anchor and task start (CPU tensor copies)."""
 
         def cpu(d: Mapping[str, Tensor]) -> dict[str, Tensor]:
-            return {n: t.detach().to("cpu", copy=True) for n, t in d.items()}
+            return {n: gathered(t) for n, t in d.items()}  # whole tensors, also from FSDP shards
 
         return {
             "name": self.name,

@@ -113,6 +113,8 @@ class TrainerConfig:
     strategy: str = "auto"
     num_nodes: int = 1
     precision: str = "32-true"
+    # strategy=fsdp: parameters gathered in bfloat16 for compute, gradients reduced in float32 (GPU only).
+    fsdp_mixed_precision: str = "none"  # none | bf16
     lr: float = 1e-3
     weight_decay: float = 1e-4
     warmup_steps: int = 50

@@ -4,7 +4,8 @@ it is kept as a second matrix).
 The score of task j is the policy's own training loss (for tiny_vla and ACT: L1 on the normalized
 action chunk) averaged over every held-out frame of task j; lower is better. It runs with the
 normalization statistics in use, in eval mode, inside a forked RNG so evaluating never changes the
-training run's random stream. Under DDP each rank scores a shard and the sums are all-reduced.
+training run's random stream. Under DDP each rank scores a shard and the sums are all-reduced; under
+FSDP every rank scores every batch.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch.distributed as dist
 
 from cl_vla.algorithms.base import rank_and_world
 from cl_vla.data.datamodule import ContinualDataModule
+from cl_vla.training.fsdp import is_sharded
 from cl_vla.training.module import CLPolicyModule
 
 
@@ -29,6 +31,10 @@ def evaluate_heldout(
     seed: int = 0,
 ) -> list[float]:
     rank, world = rank_and_world()
+    if is_sharded(module.policy):
+        # Every forward of a sharded policy is a collective: each rank scores every batch (same
+        # batches, same numbers), so no rank waits in a gather another rank never enters.
+        rank, world = 0, 1
     was_training = module.policy.training
     module.policy.eval()
     sums = torch.zeros(len(tasks), 2, dtype=torch.float64)

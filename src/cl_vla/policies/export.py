@@ -48,8 +48,18 @@ def merged_state_dict(policy: torch.nn.Module) -> dict[str, torch.Tensor] | None
     return out
 
 
-def export_task(run_dir: Path, task: int, policy: Any, preprocessor: Any, postprocessor: Any) -> Path:
-    """Write ``<run>/export/task_XX`` (atomically: a half-written folder is never left under that name)."""
+def export_task(
+    run_dir: Path,
+    task: int,
+    policy: Any,
+    preprocessor: Any,
+    postprocessor: Any,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write ``<run>/export/task_XX`` (atomically: a half-written folder is never left under that name).
+
+    ``state_dict``: the full weights when the policy is sharded (gathered by every rank with
+    :func:`cl_vla.training.fsdp.full_state_dict`, handed in on rank 0); else the policy's own."""
     import shutil
     import tempfile
 
@@ -59,7 +69,8 @@ def export_task(run_dir: Path, task: int, policy: Any, preprocessor: Any, postpr
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
     try:
-        policy.save_pretrained(str(tmp), state_dict=merged_state_dict(policy))
+        state = state_dict if state_dict is not None else merged_state_dict(policy)
+        policy.save_pretrained(str(tmp), state_dict=state)
         preprocessor.save_pretrained(str(tmp))
         if postprocessor is not None:
             postprocessor.save_pretrained(str(tmp))

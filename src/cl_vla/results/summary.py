@@ -41,6 +41,8 @@ def finish_run(run: ContinualRun, console: Console) -> float | None:
     if run.sim is not None:
         second["sim"] = run.sim.stats.to_json()
         run.sim.close()
+    # Every rank: under FSDP reading the algorithm's state gathers its shards (a collective).
+    state_bytes = _state_bytes(run.algorithm)
     if run.trainer.is_global_zero:
         write_results(
             run.run_dir,
@@ -59,7 +61,7 @@ def finish_run(run: ContinualRun, console: Console) -> float | None:
                 "global_step": run.trainer.global_step,
                 "train_seconds": st.train_seconds,
                 "eval_seconds": st.eval_seconds,
-                "algorithm_state_bytes": _state_bytes(run.algorithm),
+                "algorithm_state_bytes": state_bytes,
             },
         )
         print_summary(console, R, st.task_names, metrics, higher_is_better=sim, metric_name=label)

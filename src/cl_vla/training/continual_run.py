@@ -29,6 +29,7 @@ from cl_vla.training.checkpointing import (
     rng_state,
     set_rng_state,
 )
+from cl_vla.training.fsdp import reshard
 from cl_vla.training.module import CLPolicyModule
 from cl_vla.training.run_dir import RunHandle
 from cl_vla.training.trainer import build_trainer
@@ -79,6 +80,7 @@ class ContinualRun:
             steps_per_task=self.S,
             reset_optimizer_per_task=t.reset_optimizer_per_task,
         )
+        self.module.fsdp_mixed_precision = str(t.get("fsdp_mixed_precision", "none"))
         algorithm.setup(self.module)
         self.module.save_extra = self._save_extra
         self.module.load_extra = self._load_extra
@@ -216,6 +218,7 @@ class ContinualRun:
         )
 
     def context(self, task: int) -> TaskContext:
+        reshard(self.policy)  # an evaluation's forward leaves a sharded root gathered
         return TaskContext(
             task_id=task,
             task_name=self.data.task_names[task],

@@ -22,6 +22,7 @@ from rich.console import Console
 from cl_vla.algorithms.base import CLAlgorithm
 from cl_vla.data.streams import ContinualData
 from cl_vla.tracking.loggers import log_row
+from cl_vla.training.checkpointing import set_rng_state
 from cl_vla.training.continual_run import ContinualRun
 from cl_vla.training.rank_digest import record_rank_state
 from cl_vla.training.run_dir import RunHandle, open_run
@@ -88,6 +89,11 @@ def _restore(run: ContinualRun, console: Console) -> None:
     console.print(f"resuming {run.run_dir} at task {st.task + 1}/{run.T}, step {st.step_in_task}")
     run._load_extra(ckpt)
     run.module.load_extra = None
+    if st.step_in_task > 0:
+        # DDP and FSDP re-seed the global RNG as every fit starts (Lightning's reset_seed): a mid-task
+        # resume sets the step's saved RNG again once the fit has begun, before its first batch.
+        rng = ckpt["cl_vla"]["rng"]
+        run.module.load_extra = lambda _checkpoint: set_rng_state(rng)
     run.algorithm.setup(run.module)
     attach = getattr(run.algorithm, "attach_dataset", None)
     for t in range(st.task) if attach is not None else ():  # datasets of tasks whose on_task_end ran
@@ -146,11 +152,15 @@ def _end_task(run: ContinualRun, t: int) -> None:
     record_rank_state(run)
     if cfg.continual_learning.save_checkpoint_per_task or t == run.T - 1:
         run.save(f"task_{t:02d}.ckpt")
-    if cfg.continual_learning.export_per_task and run.trainer.is_global_zero:
+    if cfg.continual_learning.export_per_task:
         from cl_vla.policies.export import export_task
+        from cl_vla.training.fsdp import full_state_dict
 
         with run.algorithm.eval_context(t, run.module):  # the policy as task t is evaluated
-            export_task(run.run_dir, t, run.policy, run.module.preprocessor, run.module.postprocessor)
+            full = full_state_dict(run.policy)  # sharded: gathered by every rank, onto rank 0
+            if run.trainer.is_global_zero:
+                pre, post = run.module.preprocessor, run.module.postprocessor
+                export_task(run.run_dir, t, run.policy, pre, post, state_dict=full)
 
 
 def _log_row(run: ContinualRun, t: int, row: list[float | None], prefix: str) -> None:

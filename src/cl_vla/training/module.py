@@ -17,6 +17,7 @@ import torch
 
 from cl_vla.algorithms.base import CLAlgorithm
 from cl_vla.errors import CLVLAError
+from cl_vla.training.fsdp import reshard
 
 
 class NonFiniteLossError(CLVLAError):
@@ -65,6 +66,18 @@ class CLPolicyModule(L.LightningModule):
         self.load_extra: Callable[[dict], None] | None = None
         #: Called after every optimizer step with (task, step_in_task); the loop's periodic work.
         self.after_step: Callable[[int, int], None] | None = None
+        #: ``trainer.fsdp_mixed_precision`` under ``strategy=fsdp`` ("none" or "bf16").
+        self.fsdp_mixed_precision = "none"
+
+    def configure_model(self) -> None:
+        """Under ``strategy=fsdp`` (Lightning's ``ModelParallelStrategy`` sets ``device_mesh``), shard the
+        policy per transformer block; a no-op under every other strategy and on later fits."""
+        mesh = self._device_mesh
+        if mesh is None:
+            return
+        from cl_vla.training.fsdp import shard_policy
+
+        shard_policy(self.policy, mesh["data_parallel"], self.fsdp_mixed_precision)
 
     # ---- steps ------------------------------------------------------------------------------------
 
@@ -74,12 +87,14 @@ class CLPolicyModule(L.LightningModule):
     def compute_loss(self, raw_batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict]:
         """Preprocess a raw DataLoader batch and run the policy; the algorithm hooks see this too."""
         batch = self.preprocessor(dict(raw_batch))
-        loss, info = self.policy.forward(batch)
+        # Called, not ``.forward``: FSDP gathers a sharded policy's root parameters in its forward hooks.
+        loss, info = self.policy(batch)
         return loss, {"batch": batch, **(info or {})}
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss, outputs = self.compute_loss(batch)
         pre = outputs.pop("batch")
+        reshard(self.policy)  # the algorithm's hooks see every parameter as the shard it holds state for
         penalty = self.algorithm.penalty(self, pre, outputs)
         total = loss if penalty is None else loss + penalty
         if not torch.isfinite(total.detach()):

@@ -61,6 +61,15 @@ def extra_trainer_args(cfg: DictConfig) -> dict[str, Any]:
     return extra
 
 
+def fsdp_devices(t: DictConfig) -> int:
+    """Processes per node under ``strategy=fsdp``: ``devices``, or every visible GPU for -1 / "auto"."""
+    if str(t.devices) in ("-1", "auto"):
+        import torch
+
+        return max(1, torch.cuda.device_count())
+    return int(t.devices)
+
+
 def build_trainer(
     cfg: DictConfig,
     run_dir: Path,
@@ -74,10 +83,15 @@ def build_trainer(
     """The run's Trainer: our callbacks first (the progress bar), then the configured ones."""
     t = cfg.trainer
     callbacks = [*callbacks, *instantiate_named(t.callbacks, Callback, "trainer.callbacks")]
+    strategy: Any = t.strategy
+    if strategy == "fsdp":
+        from cl_vla.training.fsdp import build_strategy
+
+        strategy = build_strategy(fsdp_devices(t), int(t.num_nodes))
     return L.Trainer(
         accelerator=t.accelerator,
         devices=t.devices,
-        strategy=t.strategy,
+        strategy=strategy,
         num_nodes=t.num_nodes,
         precision=t.precision,
         max_steps=max_steps,
