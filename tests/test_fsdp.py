@@ -14,6 +14,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -22,12 +26,21 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from conftest import TEST_ENV, free_port, in_process_overrides, join_ranks
+from conftest import (
+    REPO_ROOT,
+    TEST_ENV,
+    free_port,
+    in_process_overrides,
+    join_ranks,
+    last_line,
+    run_train,
+    synthetic_overrides,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.ddp]
 
 #: The algorithms that run under FSDP; the others are refused in one sentence (tests/test_config.py).
-SHARDED = ["sequential", "er", "multitask", "ewc", "ewc_online", "si"]
+SHARDED = ["sequential", "er", "multitask", "derpp", "agem", "gem", "mir", "ewc", "ewc_online", "si"]
 TRAINERS = ("ddp_cpu", "fsdp_cpu")
 TIMEOUT_S = 900
 RTOL, ATOL = 1e-4, 1e-5
@@ -56,6 +69,8 @@ def _rank(rank: int, port: int, root: str, repo_id: str, out: str) -> None:
                     *in_process_overrides(algo, root, repo_id, "fsdp2", steps=3),
                     f"trainer={trainer}",
                     "trainer.warmup_steps=1",
+                    # One algorithm covers the export gathered onto rank 0 (checked below).
+                    f"continual_learning.export_per_task={algo == 'sequential'}",
                 ]
                 cfg, algorithm, data, policy_cfg = compose_run(overrides, run_dir)
                 run_continual(cfg, data, policy_cfg, algorithm, console=Console(quiet=True))
@@ -117,6 +132,12 @@ def test_fsdp_matches_ddp_and_shards_the_state(synthetic_libero, tmp_path: Path)
             torch.testing.assert_close(
                 fsdp[k], ddp[k], rtol=RTOL, atol=ATOL, msg=lambda m, k=k, a=algo: f"{a} {k}: {m}"
             )
+        if algo == "sequential":
+            from safetensors.torch import load_file
+
+            exported = load_file(runs["fsdp_cpu"] / "export" / "task_01" / "model.safetensors")
+            for k, v in exported.items():
+                torch.testing.assert_close(v, fsdp[k], rtol=0, atol=0, msg=k)
         shards = [json.loads((runs["fsdp_cpu"] / f"shards_rank{r}.json").read_text()) for r in (0, 1)]
         assert shards[0].keys() == shards[1].keys(), algo
         for name, (is_shard, local, full) in shards[0].items():
@@ -126,3 +147,77 @@ def test_fsdp_matches_ddp_and_shards_the_state(synthetic_libero, tmp_path: Path)
             )
         if algo in ("ewc", "ewc_online", "si"):
             assert shards[0], f"{algo} holds no per-parameter state after two tasks"
+
+
+def _kill_args(root, repo_id, extra=()) -> list[str]:
+    from cl_vla.data.task_sequences import get_task_sequence
+
+    tasks = list(get_task_sequence("libero_spatial").tasks[:2])
+    return [
+        "trainer=fsdp_cpu",
+        "algorithm=ewc",
+        "algorithm.fisher_samples=8",
+        "task_sequence=custom",
+        "task_sequence.name=fsdp_resume2",
+        "task_sequence.tasks=[" + ",".join(f"'{t}'" for t in tasks) + "]",
+        *synthetic_overrides(root, repo_id),
+        "trainer.progress_bar=false",
+        "data.num_workers=0",
+        "data.batch_size=4",
+        "model.image_size=16",
+        "trainer.warmup_steps=2",
+        "continual_learning.steps_per_task=16",
+        "continual_learning.export_per_task=false",
+        "trainer.checkpoint_every_n_steps=4",
+        "logger=none",
+        *extra,
+    ]
+
+
+def test_sigkill_mid_task_under_fsdp_resumes_exactly(synthetic_libero, tmp_path: Path) -> None:
+    """Both FSDP ranks killed mid-task (the run's whole process group), then ``resume=``: the same R and
+    final weights as the uninterrupted run, bit for bit; a resume on another world size is refused."""
+    root, repo_id, _ = synthetic_libero
+    ref_dir, cut_dir = tmp_path / "ref", tmp_path / "cut"
+    ref = run_train([*_kill_args(root, repo_id), f"hydra.run.dir={ref_dir}"], timeout=400)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO_ROOT / "train.py"), *_kill_args(root, repo_id), f"hydra.run.dir={cut_dir}"],
+        cwd=REPO_ROOT,
+        env={**os.environ, **TEST_ENV},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # the launcher's second rank too
+    )
+    state_file = cut_dir / "checkpoints" / "state.json"
+    deadline, killed_at = time.time() + 400, None
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            state = json.loads(state_file.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            state = None
+        if state and state["checkpoint"] == "last.ckpt" and state["task"] == 1 and state["step_in_task"] >= 8:
+            os.killpg(proc.pid, signal.SIGKILL)
+            killed_at = (state["task"], state["step_in_task"])
+            break
+        time.sleep(0.02)
+    proc.wait()
+    assert killed_at is not None, "the run ended before a mid-task checkpoint of task 1 appeared"
+    assert not (cut_dir / "results.json").exists()
+
+    other = run_train([*_kill_args(root, repo_id, ["trainer.devices=1"]), f"resume={cut_dir}"])
+    assert other.returncode == 2 and "trainer.devices" in last_line(other.stderr), other.stderr[-2000:]
+
+    resumed = run_train([*_kill_args(root, repo_id), f"resume={cut_dir}"], timeout=400)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming" in resumed.stdout and "at task 2/2" in resumed.stdout, resumed.stdout[-2000:]
+    R = [np.array(json.loads((d / "results.json").read_text())["matrix"], float) for d in (ref_dir, cut_dir)]
+    np.testing.assert_array_equal(R[1], R[0])
+    w_ref, w_cut = (
+        torch.load(d / "checkpoints" / "task_01.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+        for d in (ref_dir, cut_dir)
+    )
+    assert w_ref.keys() == w_cut.keys()
+    for k in w_ref:
+        torch.testing.assert_close(w_cut[k], w_ref[k], rtol=0, atol=0, msg=k)

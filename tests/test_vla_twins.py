@@ -327,3 +327,26 @@ def test_bf16_mixed_precision_keeps_cl_state_in_fp32(synthetic_libero, tmp_path)
     tensors = [t for part in ("importance", "anchor") for d in state[part].values() for t in d.values()]
     assert tensors and all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in tensors)
     assert all(v.dtype == torch.float32 for v in ckpt["state_dict"].values() if v.is_floating_point())
+
+
+@pytest.mark.parametrize(
+    ("model", "blocks"),
+    [
+        ("tiny_vla", {"TransformerEncoderLayer", "FiLMConvEncoder"}),
+        ("smolvla_tiny", {"LlamaDecoderLayer", "SmolVLMEncoderLayer"}),
+        ("pi0_tiny", {"_PiGemmaDecoderLayerBase", "SiglipEncoderLayer"}),
+        ("pi05_tiny", {"_PiGemmaDecoderLayerBase", "SiglipEncoderLayer"}),
+        ("groot_tiny", {"BasicTransformerBlock", "Qwen3VLVisionBlock", "Qwen3VLTextDecoderLayer"}),
+    ],
+)
+def test_fsdp_units_are_the_vla_blocks(model, blocks, synthetic_libero, tmp_path):
+    """trainer=fsdp shards each transformer block of lerobot's own classes as one unit."""
+    from cl_vla.policies.factory import make_policy
+    from cl_vla.training.fsdp import shard_units
+
+    _, _, data, policy_cfg = _compose(synthetic_libero, tmp_path, model)
+    policy = make_policy(policy_cfg, data.dataset.meta)
+    modules = dict(policy.named_modules())
+    units = shard_units(policy)
+    assert {type(modules[u]).__name__ for u in units} == blocks
+    assert not any(u.startswith(f"{v}.") for u in units for v in units), "a unit nested in another"

@@ -18,7 +18,7 @@ from cl_vla.algorithms.der import eval_mode, forked_rng, take_rows
 from cl_vla.algorithms.er import ReplayBuffer, _is_positive_int
 from cl_vla.algorithms.memory_prefetch import MemoryPrefetcher
 from cl_vla.algorithms.replay_memory import entropy
-from cl_vla.algorithms.sharded import any_sharded, local
+from cl_vla.algorithms.sharded import any_sharded, local, reshard
 
 # A stream word of its own, so candidate draws never coincide with ER's populate/sample streams (1, 2).
 _CANDIDATE_STREAM = 3
@@ -263,12 +263,14 @@ def _after_virtual_step_in_place(
     shards = [local(p) for p in params.values()]
     saved = [s.clone() for s in shards]
     try:
+        reshard(policy)  # the next forward gathers the stepped shards, not the root it kept gathered
         # theta - lr * grad as the whole-tensor path computes it (product, then difference).
         torch._foreach_sub_(shards, torch._foreach_mul([local(p.grad) for p in params.values()], lr))
         with forked_rng(policy, noise_seed):
             return per_sample_losses(policy, batch)
     finally:
         torch._foreach_copy_(shards, saved)
+        reshard(policy)
 
 
 def per_sample_losses(

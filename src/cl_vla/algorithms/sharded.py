@@ -66,9 +66,20 @@ def global_sum(partial: Tensor, sharded: bool) -> Tensor:
     return total + (partial - partial.detach())  # the value is exactly ``total``
 
 
+def reshard(module: object) -> None:
+    """Register an FSDP module's parameters as their shards again (a no-op for any other module).
+
+    FSDP keeps its root unit's parameters gathered after a forward; an algorithm that edits shards in
+    place (MIR's virtual step) reshards first, so the next forward gathers the edited values."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(module, FSDPModule):
+        module.reshard()
+
+
 def any_sharded(tensors: list[Tensor] | tuple[Tensor, ...]) -> bool:
     """Whether any of ``tensors`` is a shard."""
     return any(is_dtensor(t) for t in tensors)
 
 
-__all__ = ["any_sharded", "gathered", "global_sum", "is_dtensor", "like", "local"]
+__all__ = ["any_sharded", "gathered", "global_sum", "is_dtensor", "like", "local", "reshard"]

@@ -21,9 +21,10 @@ import torch
 from torch import nn
 
 #: Class names of the blocks that become one FSDP unit each: tiny_vla's encoders, and the transformer
-#: layers of the hub VLAs as lerobot builds them (SmolVLA: Llama text and expert layers, SmolVLM's
-#: vision layers; pi0 / pi0.5: Gemma layers and SigLIP's; GR00T: Qwen3 / SigLIP in Eagle and the DiT's
-#: ``BasicTransformerBlock``). Any other module whose class name ends in one of ``_UNIT_SUFFIXES`` too.
+#: layers of the hub VLAs as lerobot 0.6.1 builds them (SmolVLA: Llama text and expert layers, SmolVLM's
+#: vision layers; pi0 / pi0.5: lerobot's PiGemma layers and SigLIP's; GR00T N1.7: Qwen3-VL's text and
+#: vision blocks and the DiT's ``BasicTransformerBlock``). Any module whose class name ends in one of
+#: ``_UNIT_SUFFIXES`` too (tests/test_vla_twins.py checks which blocks each twin gets).
 UNIT_CLASSES = frozenset(
     {
         "FiLMConvEncoder",
@@ -32,14 +33,15 @@ UNIT_CLASSES = frozenset(
         "Idefics3EncoderLayer",
         "SmolVLMEncoderLayer",
         "GemmaDecoderLayer",
-        "PaliGemmaDecoderLayer",
+        "_PiGemmaDecoderLayerBase",
         "SiglipEncoderLayer",
         "Qwen3DecoderLayer",
+        "Qwen3VLTextDecoderLayer",
+        "Qwen3VLVisionBlock",
         "BasicTransformerBlock",
     }
 )
 _UNIT_SUFFIXES = ("DecoderLayer", "EncoderLayer", "TransformerBlock")
-MIXED_PRECISION = ("none", "bf16")
 
 
 def is_unit(module: nn.Module) -> bool:
@@ -99,8 +101,9 @@ def reshard(policy: nn.Module) -> None:
     again at once), so between the forward and the backward ``named_parameters()`` would give full
     tensors, where every algorithm's state is sharded. Resharding costs one more gather of the root's
     (small: the blocks are their own units) parameters in the backward."""
-    if is_sharded(policy):
-        policy.reshard()
+    from cl_vla.algorithms.sharded import reshard as reshard_module
+
+    reshard_module(policy)
 
 
 def full_state_dict(policy: nn.Module) -> dict[str, torch.Tensor] | None:
@@ -166,7 +169,6 @@ def build_strategy(devices: int, num_nodes: int) -> Any:
 
 
 __all__ = [
-    "MIXED_PRECISION",
     "UNIT_CLASSES",
     "build_strategy",
     "full_state_dict",

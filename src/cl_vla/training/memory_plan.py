@@ -9,7 +9,11 @@ memory beyond that: fp32 weights, gradients and AdamW's two moments of the train
 Activations depend on batch size and sequence length and are not counted: the plan is a lower bound.
 
     python -m cl_vla.training.memory_plan model=pi0 algorithm=ewc task_sequence=libero_spatial
-    python -m cl_vla.training.memory_plan --table   # every hub VLA x every algorithm, 10 tasks, 80 GB
+    python -m cl_vla.training.memory_plan model=pi0 algorithm=ewc trainer=fsdp trainer.devices=8
+    python -m cl_vla.training.memory_plan --table   # hub VLAs x algorithms, 10 tasks, 1 and 8 x 80 GB
+
+Under ``trainer.strategy=fsdp`` over N GPUs each GPU holds 1/N of the weights, gradients, AdamW moments
+and per-parameter CL state (dataset references stay whole on every rank).
 """
 
 from __future__ import annotations
@@ -62,6 +66,24 @@ RULES: dict[str, tuple[str, Callable[[int, int, int, Mapping[str, Any]], float]]
 }
 
 
+#: The part of each rule that is dataset references (8 B each), kept whole on every rank; the rest of a
+#: rule is per-parameter state, which FSDP shards like the parameters (cl_vla.algorithms.sharded).
+REFERENCES: dict[str, Callable[[int, Mapping[str, Any]], float]] = {
+    "er": lambda T, h: 8 * T * h.get("buffer_size_per_task", 500),
+    "derpp": lambda T, h: T * h.get("buffer_size_per_task", 500) * (8 + FP32 * h.get("chunk_x_action", 350)),
+    "mir": lambda T, h: 8 * T * h.get("buffer_size_per_task", 500),
+    "gem": lambda T, h: 8 * T * h.get("memory_per_task", 256),
+    "agem": lambda T, h: 8 * T * h.get("memory_per_task", 1000),
+}
+
+
+def fsdp_supported(algorithm: str) -> bool:
+    """Whether ``algorithm`` runs under ``trainer.strategy=fsdp`` (its state sharded)."""
+    from cl_vla.config.strategy import FSDP_UNSUPPORTED
+
+    return algorithm not in FSDP_UNSUPPORTED
+
+
 @dataclass
 class ModelSize:
     name: str
@@ -78,6 +100,8 @@ class Plan:
     tasks: int
     hparams: dict[str, Any] = field(default_factory=dict)
     device: str = "cuda"
+    #: FSDP over this many GPUs (1: one device holds everything, as under DDP on each GPU).
+    shards: int = 1
 
     @property
     def state_bytes(self) -> float:
@@ -96,6 +120,24 @@ class Plan:
     def total_bytes(self) -> float:
         return self.state_bytes + self.training_bytes
 
+    @property
+    def reference_bytes(self) -> float:
+        rule = REFERENCES.get(self.algorithm)
+        return 0.0 if rule is None else rule(self.tasks, self.hparams)
+
+    @property
+    def per_gpu_bytes(self) -> float:
+        """What one GPU holds: everything, or under FSDP over ``shards`` GPUs 1/N of the weights,
+        gradients, optimizer and per-parameter CL state (references stay whole on every rank)."""
+        if self.shards <= 1:
+            return self.total_bytes
+        sharded = self.training_bytes + self.state_bytes - self.reference_bytes
+        return sharded / self.shards + self.reference_bytes
+
+    def sharded(self, gpus: int) -> Plan:
+        """This plan under ``trainer.strategy=fsdp`` over ``gpus`` GPUs."""
+        return Plan(self.model, self.algorithm, self.tasks, self.hparams, self.device, shards=gpus)
+
     def lines(self) -> list[str]:
         m = self.model
         what = RULES[self.algorithm][0]
@@ -106,15 +148,28 @@ class Plan:
             f"  training: {_fmt(self.training_bytes)} "
             "(fp32 weights, gradients, AdamW moments; activations not counted)",
             f"  total:    {_fmt(self.total_bytes)}",
+            *(
+                [f"  per GPU:  {_fmt(self.per_gpu_bytes)} (FSDP over {self.shards} GPUs)"]
+                if self.shards > 1
+                else []
+            ),
         ]
 
-    def fit_option(self, capacity: float) -> str:
-        """``"fits"``, else the first option that makes it fit, else ``"none"``."""
-        if self.total_bytes <= capacity:
+    def fit_option(self, capacity: float, gpus: int = 1) -> str:
+        """``"fits"``, else the first option that makes it fit ``gpus`` GPUs of ``capacity`` bytes each,
+        else ``"none"``. In order: as configured (one GPU's worth on each), FSDP over the GPUs (what
+        trains and the algorithm unchanged), then the options that change the experiment, alone and
+        under FSDP."""
+        if self.per_gpu_bytes <= capacity:
             return "fits"
+        can_shard = gpus > 1 and fsdp_supported(self.algorithm)
+        if can_shard and self.sharded(gpus).per_gpu_bytes <= capacity:
+            return f"FSDP x {gpus}"
         for label, plan in self.alternatives():
-            if plan.total_bytes <= capacity:
+            if plan.per_gpu_bytes <= capacity:
                 return label
+            if gpus > 1 and fsdp_supported(plan.algorithm) and plan.sharded(gpus).per_gpu_bytes <= capacity:
+                return f"FSDP x {gpus} + {label}"
         return "none"
 
     def alternatives(self) -> list[tuple[str, Plan]]:
@@ -262,7 +317,17 @@ def plan_for_run(cfg: Any, policy: Any, tasks: int) -> Plan:
         size.lora_params = sum(p.numel() for _, p in lora_parameters(policy)) or size.trainable
     device, _ = device_capacity(str(cfg.trainer.accelerator))
     rule = rule_name(algo, hparams)
-    return Plan(size, rule, tasks, dict(hparams), device)
+    return Plan(size, rule, tasks, dict(hparams), device, shards=fsdp_shards(cfg, device))
+
+
+def fsdp_shards(cfg: Any, device: str) -> int:
+    """GPUs the run shards over (``trainer.strategy=fsdp`` on CUDA); 1 otherwise. CPU processes share
+    one host's memory, so a CPU run is planned whole."""
+    if str(cfg.trainer.strategy) != "fsdp" or device != "cuda":
+        return 1
+    from cl_vla.training.trainer import fsdp_devices
+
+    return fsdp_devices(cfg.trainer) * int(cfg.trainer.num_nodes)
 
 
 def rule_name(algo: str, hparams: dict) -> str:
@@ -286,12 +351,13 @@ def check_run(cfg: Any, policy: Any, tasks: int, print_fn: Callable[[str], None]
     for line in plan.lines():
         print_fn(line)
     device, capacity = device_capacity(str(cfg.trainer.accelerator))
-    if capacity is not None and plan.total_bytes > capacity:
+    if capacity is not None and plan.per_gpu_bytes > capacity:
         option = plan.fit_option(capacity)
         hint = f"; {option} would fit" if option not in ("fits", "none") else ""
         raise PlanDoesNotFitError(
             f"algorithm={plan.algorithm} on {plan.model.name} over {tasks} tasks needs at least "
-            f"{_fmt(plan.total_bytes)} ({_fmt(plan.state_bytes)} of CL state), more than the "
+            f"{_fmt(plan.per_gpu_bytes)} per device ({_fmt(plan.state_bytes)} of CL state in all), "
+            "more than the "
             f"{_fmt(capacity)} of the {device} device{hint}."
         )
     return plan
@@ -302,23 +368,30 @@ def check_run(cfg: Any, policy: Any, tasks: int, print_fn: Callable[[str], None]
 HUB_MODELS = ("smolvla", "pi0", "pi05", "groot")
 
 
-def markdown_table(tasks: int = 10, capacity_gb: float = 80.0) -> str:
-    """Every hub VLA x every algorithm: CL state, total, and the option that fits ``capacity_gb``."""
+def markdown_table(tasks: int = 10, capacity_gb: float = 80.0, gpus: int = 8) -> str:
+    """Every hub VLA x every algorithm: CL state, total, per GPU under FSDP over ``gpus``, and the option
+    that fits one GPU of ``capacity_gb`` and ``gpus`` of them."""
     from cl_vla.paths import conf_dir
     from cl_vla.results.tables import markdown_table as table
 
     algos = sorted(p.stem for p in (conf_dir() / "algorithm").glob("*.yaml"))
-    head = ["model", "parameters (train)", "algorithm", f"CL state ({tasks} tasks)", "total"]
+    head = ["model", "parameters (train)", "algorithm", f"CL state ({tasks} tasks)", "total (1 GPU)"]
+    head += [
+        f"per GPU, FSDP x {gpus}",
+        f"fits 1 x {capacity_gb:.0f} GB with",
+        f"fits {gpus} x {capacity_gb:.0f} GB with",
+    ]
     rows = []
     for model in HUB_MODELS:
         size = count_hub_model(model)
         for algo in algos:
             plan = Plan(size, algo, tasks)
-            fit = plan.fit_option(capacity_gb * GB)
-            fit = "as configured" if fit == "fits" else fit
+            one, many = (plan.fit_option(capacity_gb * GB, g) for g in (1, gpus))
+            shard = _fmt(plan.sharded(gpus).per_gpu_bytes) if fsdp_supported(algo) else "not sharded yet"
             params = f"{size.total / 1e9:.2f} B ({size.trainable / 1e9:.2f} B)"
-            rows.append([model, params, algo, _fmt(plan.state_bytes), _fmt(plan.total_bytes), fit])
-    return table([*head, f"fits {capacity_gb:.0f} GB with"], rows)
+            fits = ["as configured" if f == "fits" else f for f in (one, many)]
+            rows.append([model, params, algo, _fmt(plan.state_bytes), _fmt(plan.total_bytes), shard, *fits])
+    return table(head, rows)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -345,13 +418,14 @@ def main(argv: list[str] | None = None) -> None:
     else:
         size = _count_configured(cfg)
     device, capacity = device_capacity(str(cfg.trainer.accelerator))
-    plan = Plan(size, algo, len(seq.tasks), OmegaConf.to_container(cfg.algorithm, resolve=True), device)
+    hparams = OmegaConf.to_container(cfg.algorithm, resolve=True)
+    plan = Plan(size, algo, len(seq.tasks), hparams, device, shards=fsdp_shards(cfg, "cuda"))
     for line in plan.lines():
         print(line)
     for label, alt in plan.alternatives():
         print(f"  option {label}: total {_fmt(alt.total_bytes)} (CL state {_fmt(alt.state_bytes)})")
     if capacity is not None:
-        print(f"  device: {device}, {_fmt(capacity)}: {plan.fit_option(capacity)}")
+        print(f"  device: {device}, {_fmt(capacity)}: {plan.fit_option(capacity, plan.shards)}")
 
 
 def _count_configured(cfg: Any) -> ModelSize:

@@ -1,0 +1,67 @@
+"""Checks of the ``trainer`` group's distributed settings, before any data or model is built.
+
+``trainer.strategy=fsdp`` (:mod:`cl_vla.training.fsdp`) shards the policy and every algorithm's
+per-parameter state. Three algorithms do not run sharded yet; they, and the settings FSDP cannot take,
+are refused here in one sentence instead of failing inside the first fit.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cl_vla.errors import ConfigError, one_of
+
+MIXED_PRECISION = ("none", "bf16")
+
+#: Algorithms refused under FSDP, with why (what would have to be sharded first).
+FSDP_UNSUPPORTED = {
+    "lwf": "its teacher is a deep copy of the policy, which FSDP does not allow",
+    "packnet": "its pruning sorts each whole weight, which would need a quantile across shards",
+    "lora_per_task": "it adds adapters to the policy at every task, after FSDP has sharded it",
+}
+
+
+def check_strategy(cfg: Any) -> None:
+    """One sentence for a distributed setting that cannot work."""
+    t = cfg.trainer
+    mp = str(t.get("fsdp_mixed_precision", "none"))
+    fsdp = str(t.strategy) == "fsdp"
+    if mp not in MIXED_PRECISION:
+        raise ConfigError(
+            f"trainer.fsdp_mixed_precision={mp!r} is not allowed; choose {one_of(MIXED_PRECISION)}."
+        )
+    if not fsdp:
+        if mp != "none":
+            raise ConfigError(
+                f"trainer.fsdp_mixed_precision={mp!r} applies only under trainer.strategy=fsdp "
+                f"(this run uses {t.strategy!r}); use trainer.precision for other strategies."
+            )
+        return
+    algo = str(cfg.algorithm.get("name", ""))
+    if algo in FSDP_UNSUPPORTED:
+        raise ConfigError(
+            f"algorithm={algo} does not run under trainer.strategy=fsdp yet ({FSDP_UNSUPPORTED[algo]}); "
+            "use DDP (trainer=ddp_cpu, or trainer=gpu with trainer.strategy=ddp) for it."
+        )
+    if str(cfg.eval.type) == "sim":
+        raise ConfigError(
+            "eval=sim does not run under trainer.strategy=fsdp yet (every forward of a sharded policy is a "
+            "collective, and simulator episodes end at different steps on each rank); use eval=heldout, "
+            "and evaluate the per-task exports (export/task_XX) in simulation afterwards."
+        )
+    if mp == "bf16" and str(t.accelerator) == "cpu":
+        raise ConfigError(
+            "trainer.fsdp_mixed_precision=bf16 needs GPUs; on a CPU use trainer.fsdp_mixed_precision=none "
+            "(trainer=fsdp_cpu)."
+        )
+    devices = t.devices
+    if not (isinstance(devices, int) and (devices >= 1 or devices == -1)) and str(devices) != "auto":
+        raise ConfigError(
+            f"trainer.devices={devices!r} is not allowed under trainer.strategy=fsdp; give a number of "
+            "processes per node (or -1 for every GPU)."
+        )
+    if int(t.num_nodes) < 1:
+        raise ConfigError(f"trainer.num_nodes={t.num_nodes} is not allowed; it must be at least 1.")
+
+
+__all__ = ["FSDP_UNSUPPORTED", "MIXED_PRECISION", "check_strategy"]
