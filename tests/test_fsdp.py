@@ -40,7 +40,8 @@ from conftest import (
 pytestmark = [pytest.mark.slow, pytest.mark.ddp]
 
 #: The algorithms that run under FSDP; the others are refused in one sentence (tests/test_config.py).
-SHARDED = ["sequential", "er", "multitask", "derpp", "agem", "gem", "mir", "ewc", "ewc_online", "si"]
+# ER and multitask share sequential's path (references only), online EWC separate EWC's: left out for time.
+SHARDED = ["sequential", "derpp", "agem", "gem", "mir", "ewc", "si"]
 TRAINERS = ("ddp_cpu", "fsdp_cpu")
 TIMEOUT_S = 900
 RTOL, ATOL = 1e-4, 1e-5
@@ -166,9 +167,9 @@ def _kill_args(root, repo_id, extra=()) -> list[str]:
         "data.batch_size=4",
         "model.image_size=16",
         "trainer.warmup_steps=2",
-        "continual_learning.steps_per_task=16",
+        "continual_learning.steps_per_task=12",
         "continual_learning.export_per_task=false",
-        "trainer.checkpoint_every_n_steps=4",
+        "trainer.checkpoint_every_n_steps=3",
         "logger=none",
         *extra,
     ]
@@ -197,7 +198,7 @@ def test_sigkill_mid_task_under_fsdp_resumes_exactly(synthetic_libero, tmp_path:
             state = json.loads(state_file.read_text())
         except (FileNotFoundError, json.JSONDecodeError):
             state = None
-        if state and state["checkpoint"] == "last.ckpt" and state["task"] == 1 and state["step_in_task"] >= 8:
+        if state and state["checkpoint"] == "last.ckpt" and state["task"] == 1 and state["step_in_task"] >= 6:
             os.killpg(proc.pid, signal.SIGKILL)
             killed_at = (state["task"], state["step_in_task"])
             break

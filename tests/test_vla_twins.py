@@ -279,6 +279,14 @@ def test_memory_plan_counts_the_real_models_on_the_meta_device():
     assert ewc.state_bytes == 2 * 4 * pi0.trainable * 10  # Fisher + anchor, fp32, per task
     assert Plan(pi0, "ewc_online", 10).state_bytes == ewc.state_bytes / 10
     assert ewc.fit_option(80 * GB) == "train_expert_only"  # 300 GB of Fisher/anchors as configured
+    # FSDP over 8 GPUs: 1/8 of weights, gradients, moments and Fisher/anchors on each, nothing changed.
+    assert ewc.sharded(8).per_gpu_bytes == pytest.approx(ewc.total_bytes / 8)
+    assert ewc.fit_option(80 * GB, gpus=8) == "FSDP x 8"
+    gem = Plan(pi0, "gem", 10, {"memory_per_task": 256})
+    refs = 8 * 10 * 256  # dataset references stay whole on every rank
+    assert gem.sharded(8).per_gpu_bytes == pytest.approx((gem.total_bytes - refs) / 8 + refs)
+    # LwF is not sharded yet: it is never offered FSDP.
+    assert Plan(pi0, "lwf", 10).fit_option(60 * GB, gpus=8) != "FSDP x 8"
 
 
 def test_memory_plan_refuses_before_the_first_step(synthetic_libero, tmp_path, monkeypatch):
@@ -333,9 +341,10 @@ def test_bf16_mixed_precision_keeps_cl_state_in_fp32(synthetic_libero, tmp_path)
     ("model", "blocks"),
     [
         ("tiny_vla", {"TransformerEncoderLayer", "FiLMConvEncoder"}),
-        ("smolvla_tiny", {"LlamaDecoderLayer", "SmolVLMEncoderLayer"}),
-        ("pi0_tiny", {"_PiGemmaDecoderLayerBase", "SiglipEncoderLayer"}),
-        ("pi05_tiny", {"_PiGemmaDecoderLayerBase", "SiglipEncoderLayer"}),
+        # lerobot runs these VLAs' decoder layers piece by piece: their MLPs are the units.
+        ("smolvla_tiny", {"LlamaMLP", "SmolVLMEncoderLayer"}),
+        ("pi0_tiny", {"GemmaMLP", "SiglipEncoderLayer"}),
+        ("pi05_tiny", {"GemmaMLP", "SiglipEncoderLayer"}),
         ("groot_tiny", {"BasicTransformerBlock", "Qwen3VLVisionBlock", "Qwen3VLTextDecoderLayer"}),
     ],
 )

@@ -50,11 +50,25 @@ def is_unit(module: nn.Module) -> bool:
     return name in UNIT_CLASSES or name.endswith(_UNIT_SUFFIXES)
 
 
+#: Layers that lerobot's mixture-of-transformers code runs piece by piece, VLM and action expert
+#: attending jointly (SmolVLA's ``smolvlm_with_expert.forward_attn_layer``, pi0/pi0.5's
+#: ``compute_layer_complete``): it calls the layer's norms and projections, never the layer, so FSDP's
+#: hooks on the layer would not fire. Their ``mlp`` (called as a module; ~2/3 of the layer) is the unit
+#: and the attention projections and norms join the root unit.
+PIECEWISE_LAYERS = frozenset({"LlamaDecoderLayer", "_PiGemmaDecoderLayerBase"})
+
+
 def shard_units(policy: nn.Module) -> list[str]:
     """Names of the submodules that :func:`shard_policy` makes FSDP units (outermost only)."""
     out: list[str] = []
     for name, module in policy.named_modules():
-        if name and is_unit(module) and not any(name.startswith(f"{o}.") for o in out):
+        if not name or any(name.startswith(f"{o}.") for o in out):
+            continue
+        if type(module).__name__.removeprefix("FSDP") in PIECEWISE_LAYERS:
+            if isinstance(getattr(module, "mlp", None), nn.Module):
+                out.append(f"{name}.mlp")
+            continue
+        if is_unit(module):
             out.append(name)
     return out
 
