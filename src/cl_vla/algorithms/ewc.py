@@ -30,8 +30,9 @@ from cl_vla.algorithms.fisher import (
     add_per_sample_square_grads,
 )
 from cl_vla.algorithms.parameters import trainable_parameters
-from cl_vla.algorithms.quadratic_penalty import quadratic_penalty
-from cl_vla.algorithms.sharded import any_sharded, gathered, like
+from cl_vla.algorithms.quadratic_penalty import quadratic_penalty, streamed_quadratic_penalty
+from cl_vla.algorithms.sharded import any_sharded, gathered
+from cl_vla.algorithms.state_placement import StatePlacement
 
 _STATE_VERSION = 1
 _MODES = ("separate", "online")
@@ -90,6 +91,11 @@ class EWC(CLAlgorithm):
             frames when the task has fewer).
         fisher_batch_size: Frames per loader batch while estimating; with ``vmap`` the per-sample
             gradients of one batch are held at once (``fisher_batch_size`` x parameters of memory).
+        state_dtype: ``"float32"``, ``"bfloat16"`` or None (each parameter's dtype): the precision
+            the Fisher and anchors are kept in
+            (computed in the parameters' dtype, then stored; the penalty reads them back upcast).
+        state_device: ``"params"`` (with each parameter; sharded like it under FSDP) or ``"cpu"``
+            (pinned host memory, copied to the device for each step's penalty).
     """
 
     name = "ewc"
@@ -102,8 +108,11 @@ class EWC(CLAlgorithm):
         fisher: str = "empirical",
         fisher_samples: int = 512,
         fisher_batch_size: int = 16,
+        state_dtype: str | None = None,
+        state_device: str = "params",
     ) -> None:
         self._check_hparams(mode, ewc_lambda, gamma, fisher, fisher_samples, fisher_batch_size)
+        self.placement = StatePlacement.parse(state_dtype, state_device)
         self.mode = str(mode)
         self.ewc_lambda = float(ewc_lambda)
         self.gamma = float(gamma)
@@ -143,6 +152,8 @@ class EWC(CLAlgorithm):
         if not self._importance or self.ewc_lambda == 0.0:
             return None
         params = dict(module.policy.named_parameters())
+        if self.placement.device == "cpu":
+            return self._streamed_penalty(params)
         ps: list[Tensor] = []
         fs: list[Tensor] = []
         anchors: list[Tensor] = []
@@ -152,15 +163,41 @@ class EWC(CLAlgorithm):
                 p = params.get(name)
                 if p is None:
                     continue
-                placed = like(f, p)
+                placed = self.placement.store(f, p)
                 if placed is not f:
                     # Placed once, then kept there: a restored state arrives whole, on the CPU.
                     fisher[name] = f = placed
-                    anchor[name] = like(anchor[name], p)
+                    anchor[name] = self.placement.store(anchor[name], p)
                 ps.append(p)
-                fs.append(f)
-                anchors.append(anchor[name])
+                fs.append(self.placement.use(f, p))
+                anchors.append(self.placement.use(anchor[name], p))
         return quadratic_penalty(self.ewc_lambda / 2.0, ps, fs, anchors) if ps else None
+
+    def _streamed_penalty(self, params: Mapping[str, Tensor]) -> Tensor | None:
+        """The penalty with the state in host memory: one task's Fisher and anchor on the device at a
+        time (online EWC holds one term; separate EWC streams its terms)."""
+        names = [n for n in params if any(n in f for f in self._importance.values())]
+        if not names:
+            return None
+        ps = [params[n] for n in names]
+        use, store = self.placement.use, self.placement.store
+
+        def terms():
+            for task in sorted(self._importance):
+                fisher, anchor = self._importance[task], self._anchor[task]
+                ws, anchors = [], []
+                for n in names:
+                    p = params[n]
+                    if n not in fisher:  # not trained when this task ended: no term for it
+                        ws.append(torch.zeros_like(p))
+                        anchors.append(p.detach())
+                        continue
+                    fisher[n], anchor[n] = store(fisher[n], p), store(anchor[n], p)  # pinned once, kept so
+                    ws.append(use(fisher[n], p))
+                    anchors.append(use(anchor[n], p))
+                yield ws, anchors
+
+        return streamed_quadratic_penalty(self.ewc_lambda / 2.0, ps, terms())
 
     # ---- the Fisher -----------------------------------------------------------------------------
 
@@ -183,12 +220,13 @@ class EWC(CLAlgorithm):
             old_f, old_a = self._importance.pop(last), self._anchor.pop(last)
             for n, f in fisher.items():
                 if n in old_f:
-                    f.add_(old_f[n].to(device=f.device, dtype=f.dtype), alpha=self.gamma)
+                    f.add_(self.placement.use(old_f[n], params[n]).to(f.dtype), alpha=self.gamma)
             # A parameter frozen since (PackNet) keeps its decayed importance and its old anchor.
             for n in old_f.keys() - fisher.keys():
                 fisher[n], anchor[n] = old_f[n] * self.gamma, old_a[n]
-        self._importance[task_id] = fisher
-        self._anchor[task_id] = anchor
+        store = self.placement.store
+        self._importance[task_id] = {n: store(f, params[n]) if n in params else f for n, f in fisher.items()}
+        self._anchor[task_id] = {n: store(a, params[n]) if n in params else a for n, a in anchor.items()}
 
     def compute_fisher(
         self,
@@ -353,6 +391,8 @@ class EWC(CLAlgorithm):
             "fisher": self.fisher,
             "fisher_samples": self.fisher_samples,
             "fisher_batch_size": self.fisher_batch_size,
+            "state_dtype": self.placement.names[0],
+            "state_device": self.placement.names[1],
             "importance": {str(t): cpu(d) for t, d in sorted(self._importance.items())},
             "anchor": {str(t): cpu(d) for t, d in sorted(self._anchor.items())},
         }

@@ -10,7 +10,7 @@ kernel. Values and gradients are the same as the per-tensor form up to summation
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -43,6 +43,43 @@ class _FusedQuadratic(torch.autograd.Function):
         grads = torch._foreach_mul(ctx.weighted, grad_out * (2.0 * ctx.c))
         ctx.weighted = None
         return (None, None, None, None, *grads)
+
+
+class _StreamedQuadratic(torch.autograd.Function):
+    """``c * sum_t sum_i w_t,i (theta_i - theta*_t,i)^2`` over terms that arrive one at a time (state kept
+    off the device): each term's weights and anchors are used and dropped, and only the gradient's
+    running sum ``sum_t w_t (theta - theta*_t)`` (one tensor per parameter) is kept for the backward."""
+
+    @staticmethod
+    def forward(ctx, c: float, terms: Iterable[tuple[list[Tensor], list[Tensor]]], *params: Tensor) -> Tensor:
+        grad_sum = [torch.zeros_like(p) for p in params]
+        total = params[0].new_zeros(())
+        for weights, anchors in terms:
+            diff = torch._foreach_sub(list(params), anchors)
+            weighted = torch._foreach_mul(diff, weights)
+            torch._foreach_add_(grad_sum, weighted)
+            torch._foreach_mul_(diff, weighted)
+            total = total + torch.stack(torch._foreach_norm(diff, 1)).sum()
+        ctx.c, ctx.grad_sum = c, grad_sum
+        return total * c
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        grads = torch._foreach_mul(ctx.grad_sum, grad_out * (2.0 * ctx.c))
+        ctx.grad_sum = None
+        return (None, None, *grads)
+
+
+def streamed_quadratic_penalty(
+    c: float, params: Sequence[Tensor], terms: Iterable[tuple[list[Tensor], list[Tensor]]]
+) -> Tensor:
+    """The sum of :func:`quadratic_penalty` over ``terms`` (``(weights, anchors)`` lists matching
+    ``params``, each ready on the parameters' device and dtype), with one term on the device at a time:
+    for state kept in host memory (``algorithm.state_device=cpu``). Same value and gradient up to the
+    order of summation."""
+    if not params:
+        raise ValueError("streamed_quadratic_penalty needs at least one parameter.")
+    return _StreamedQuadratic.apply(float(c), terms, *params)
 
 
 def quadratic_penalty(

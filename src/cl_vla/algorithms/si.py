@@ -22,6 +22,7 @@ from torch import Tensor
 from cl_vla.algorithms.base import CLAlgorithm, TaskContext
 from cl_vla.algorithms.quadratic_penalty import quadratic_penalty
 from cl_vla.algorithms.sharded import gathered, is_dtensor, like, local
+from cl_vla.algorithms.state_placement import StatePlacement
 
 _STATE_VERSION = 1
 
@@ -76,12 +77,26 @@ class SI(CLAlgorithm):
     Args:
         si_c: Penalty strength ``c`` (>= 0).
         xi: Damping ``xi`` (> 0) in ``omega / (Delta^2 + xi)``, for parameters that barely moved.
+        state_dtype: ``"float32"``, ``"bfloat16"`` or None (each parameter's dtype): the precision
+            Omega, the anchor and the task's
+            start are kept in (the running ``omega`` stays float32: it is added to every step).
+        state_device: ``"params"`` (with each parameter; sharded like it under FSDP) or ``"cpu"``
+            (pinned host memory, copied to the device where a step reads them).
     """
 
     name = "si"
 
-    def __init__(self, si_c: float = 0.1, xi: float = 1e-3) -> None:
+    def __init__(
+        self,
+        si_c: float = 0.1,
+        xi: float = 1e-3,
+        state_dtype: str | None = None,
+        state_device: str = "params",
+    ) -> None:
         self._check_hparams(si_c, xi)
+        # Omega, the anchor and the task's start; the running omega is added to every step and stays
+        # with the parameters in float32.
+        self.placement = StatePlacement.parse(state_dtype, state_device)
         self.si_c = float(si_c)
         self.xi = float(xi)
         self._omega: dict[str, Tensor] = {}  # running path integral of the current task
@@ -113,7 +128,7 @@ class SI(CLAlgorithm):
         self._module = module
         params = _trainable(module)
         if not self._start:
-            self._start = {n: p.detach().clone() for n, p in params.items()}
+            self._start = {n: self.placement.store(p.detach().clone(), p) for n, p in params.items()}
         names = [n for n, p in params.items() if p.grad is not None]  # unused: the optimizer skips it
         kept, self._weighted = self._weighted, None  # valid for this step only
         if not names:
@@ -143,8 +158,8 @@ class SI(CLAlgorithm):
             if kept is not None and kept[0] == [names[i] for i in penalized]:
                 shift = kept[1]
             else:
-                omegas = [local(self._to(self._big_omega, names[i], params[names[i]])) for i in penalized]
-                anchors = [local(self._to(self._anchor, names[i], params[names[i]])) for i in penalized]
+                omegas = [local(self._use(self._big_omega, names[i], params[names[i]])) for i in penalized]
+                anchors = [local(self._use(self._anchor, names[i], params[names[i]])) for i in penalized]
                 shift = torch._foreach_sub([ps[i] for i in penalized], anchors)
                 torch._foreach_mul_(shift, omegas)
             torch._foreach_add_([g_list[i] for i in penalized], shift, alpha=-2.0 * self.si_c)
@@ -198,6 +213,15 @@ class SI(CLAlgorithm):
             store[name] = t = like(t, param, dtype=t.dtype)
         return t
 
+    def _use(self, store: dict[str, Tensor], name: str, param: Tensor) -> Tensor:
+        """``store[name]`` (Omega, anchor or start) kept as configured, returned ready for arithmetic
+        with ``param`` (its dtype and device); a restored state is placed once and kept so."""
+        t = store[name]
+        placed = self.placement.store(t, param)
+        if placed is not t:
+            store[name] = placed
+        return self.placement.use(placed, param)
+
     # ---- the penalty ----------------------------------------------------------------------------
 
     def penalty(self, module: Any, batch: Mapping[str, Any], outputs: Mapping[str, Any]) -> Tensor | None:
@@ -209,8 +233,8 @@ class SI(CLAlgorithm):
             if n in self._big_omega:
                 names.append(n)
                 ps.append(p)
-                omegas.append(self._to(self._big_omega, n, p).to(p.dtype))
-                anchors.append(self._to(self._anchor, n, p).to(p.dtype))
+                omegas.append(self._use(self._big_omega, n, p))
+                anchors.append(self._use(self._anchor, n, p))
         if not ps:
             return None
         keep: list[Tensor] = []
@@ -231,13 +255,13 @@ class SI(CLAlgorithm):
             )
         for n, p in _trainable(module).items():
             theta = p.detach().to(torch.promote_types(p.dtype, torch.float32))
-            start = self._to(self._start, n, p).to(theta.dtype) if n in self._start else theta
+            start = self._use(self._start, n, p).to(theta.dtype) if n in self._start else theta
             omega = self._to(self._omega, n, p) if n in self._omega else torch.zeros_like(theta)
             new = omega / ((theta - start).square() + self.xi)
             if n in self._big_omega:
-                new = new + self._to(self._big_omega, n, p)
-            self._big_omega[n] = new.clamp_(min=0.0)
-            self._anchor[n] = p.detach().clone()
+                new = new + self._use(self._big_omega, n, p).to(new.dtype)
+            self._big_omega[n] = self.placement.store(new.clamp_(min=0.0), p)
+            self._anchor[n] = self.placement.store(p.detach().clone(), p)
         self._omega, self._start, self._pending = {}, {}, {}
         self.tasks_consolidated.append(int(task_id))
 
@@ -269,6 +293,8 @@ class SI(CLAlgorithm):
             "version": _STATE_VERSION,
             "si_c": self.si_c,
             "xi": self.xi,
+            "state_dtype": self.placement.names[0],
+            "state_device": self.placement.names[1],
             "omega": cpu(self._omega),
             "big_omega": cpu(self._big_omega),
             "anchor": cpu(self._anchor),

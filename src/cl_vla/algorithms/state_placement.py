@@ -4,8 +4,9 @@
 EWC's Fisher and anchors and SI's importance, anchor and task start are as large as the trainable
 weights, once per task for separate EWC. ``state_dtype=bfloat16`` halves them; ``state_device=cpu``
 keeps them in pinned host memory, copied to the device (asynchronously) where a step uses them. The
-arithmetic always runs in the parameters' dtype on their device: only storage changes. Defaults
-(``float32``, ``params``) keep every tensor exactly as before.
+arithmetic always runs in the parameters' dtype on their device: only storage changes. The YAML
+defaults (``float32``, ``params``) keep a float32 policy's state exactly as before; without them (the
+constructors' ``None``) the state takes each parameter's own dtype.
 """
 
 from __future__ import annotations
@@ -29,30 +30,38 @@ class StatePlacement:
     """How per-parameter state is stored: ``dtype`` and ``device`` (``"params"``: with its parameter,
     sharded like it under FSDP; ``"cpu"``: pinned host memory)."""
 
-    dtype: torch.dtype = torch.float32
+    dtype: torch.dtype | None = None  # None: the parameter's own dtype (the constructors' default)
     device: str = "params"
 
     @classmethod
     def parse(cls, dtype: Any, device: Any) -> StatePlacement:
+        if dtype is None:
+            return cls(None, cls._device(device))
         if dtype not in STATE_DTYPES:
             raise ValueError(f"state_dtype must be 'float32' or 'bfloat16', got {dtype!r}.")
+        return cls(STATE_DTYPES[dtype], cls._device(device))
+
+    @staticmethod
+    def _device(device: Any) -> str:
         if device not in STATE_DEVICES:
             raise ValueError(f"state_device must be 'params' or 'cpu', got {device!r}.")
-        return cls(STATE_DTYPES[dtype], str(device))
+        return str(device)
 
     @property
     def names(self) -> tuple[str, str]:
         """``(state_dtype, state_device)`` as configured."""
-        return next(k for k, v in STATE_DTYPES.items() if v == self.dtype), self.device
+        name = next((k for k, v in STATE_DTYPES.items() if v == self.dtype), "params")
+        return name, self.device
 
     def store(self, t: Tensor, p: Tensor) -> Tensor:
         """``t`` (state of parameter ``p``) as it is kept; ``t`` itself when it already is."""
+        dtype = p.dtype if self.dtype is None else self.dtype
         if self.device == "cpu":
-            if t.device.type == "cpu" and t.dtype == self.dtype and (t.is_pinned() or not _pinnable()):
+            if t.device.type == "cpu" and t.dtype == dtype and (t.is_pinned() or not _pinnable()):
                 return t
-            out = t.detach().to("cpu", dtype=self.dtype)
+            out = t.detach().to("cpu", dtype=dtype)
             return out.pin_memory() if _pinnable() else out
-        return like(t, p, dtype=self.dtype)
+        return like(t, p, dtype=dtype)
 
     @staticmethod
     def use(t: Tensor, p: Tensor) -> Tensor:

@@ -21,8 +21,29 @@ FSDP_UNSUPPORTED = {
 }
 
 
+def check_state_options(cfg: Any) -> None:
+    """``algorithm.state_dtype`` / ``state_device`` only where an algorithm keeps per-parameter state
+    across steps (GEM, A-GEM and MIR hold theirs for one step only; the others hold none)."""
+    from cl_vla.algorithms.state_placement import PLACEABLE
+
+    algo = str(cfg.algorithm.get("name", ""))
+    given = [k for k in ("state_dtype", "state_device") if cfg.algorithm.get(k) is not None]
+    if given and algo not in PLACEABLE:
+        raise ConfigError(
+            f"algorithm.{given[0]} applies to the algorithms that keep per-parameter state across steps "
+            f"({', '.join(PLACEABLE)}); algorithm={algo} keeps none, remove the setting."
+        )
+    if str(cfg.trainer.strategy) == "fsdp" and str(cfg.algorithm.get("state_device", "params")) == "cpu":
+        raise ConfigError(
+            "algorithm.state_device=cpu does not run under trainer.strategy=fsdp yet (each rank's shards "
+            "would have to be offloaded and put back as DTensors); use algorithm.state_device=params, where "
+            "FSDP already keeps 1/N of the state on each GPU, or algorithm.state_dtype=bfloat16."
+        )
+
+
 def check_strategy(cfg: Any) -> None:
     """One sentence for a distributed setting that cannot work."""
+    check_state_options(cfg)
     t = cfg.trainer
     mp = str(t.get("fsdp_mixed_precision", "none"))
     fsdp = str(t.strategy) == "fsdp"
@@ -64,4 +85,4 @@ def check_strategy(cfg: Any) -> None:
         raise ConfigError(f"trainer.num_nodes={t.num_nodes} is not allowed; it must be at least 1.")
 
 
-__all__ = ["FSDP_UNSUPPORTED", "MIXED_PRECISION", "check_strategy"]
+__all__ = ["FSDP_UNSUPPORTED", "MIXED_PRECISION", "check_state_options", "check_strategy"]

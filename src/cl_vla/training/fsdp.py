@@ -127,7 +127,10 @@ def full_state_dict(policy: nn.Module) -> dict[str, torch.Tensor] | None:
         return None
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    state = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    # Each in its own storage: a gathered tensor can be a view into a larger buffer (pi0's lm_head),
+    # which safetensors refuses to write.
+    return {k: v.clone() for k, v in state.items()}
 
 
 def build_strategy(devices: int, num_nodes: int) -> Any:
