@@ -20,6 +20,7 @@ from cl_vla.data.datamodule import ContinualDataModule
 from cl_vla.data.stats import NormalizationChoice, flatten_stats, select_stats, unflatten_stats
 from cl_vla.data.streams import ContinualData
 from cl_vla.evaluation.heldout import evaluate_heldout
+from cl_vla.tracking.log_continuity import LOG_MARKS_KEY, log_marks
 from cl_vla.tracking.loggers import TaskProgressBar, build_loggers
 from cl_vla.training.checkpointing import (
     STATE_FILE,
@@ -92,7 +93,7 @@ class ContinualRun:
             seed=int(cfg.seed),
             steps_per_task=self.S,
         )
-        self.loggers = build_loggers(cfg, self.run_dir, self.run_dir.name)
+        self.loggers = build_loggers(cfg, self.run_dir, self.run_dir.name, handle.logs)
         self.progress = TaskProgressBar(self.T, data.task_names) if t.progress_bar else None
         self.ckpt_io = AtomicCheckpointIO()
         self.trainer = build_trainer(
@@ -129,6 +130,8 @@ class ContinualRun:
             "algorithm": self.algorithm.state_dict(),
             "normalization": flatten_stats(self.stats or {}),
             "rng": rng_state(),
+            # The CSV rows on disk now (flushed first): a resume from this checkpoint keeps exactly them.
+            LOG_MARKS_KEY: json.dumps(log_marks(self.loggers)),
         }
 
     def _load_extra(self, ckpt: dict) -> None:

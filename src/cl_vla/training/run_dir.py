@@ -19,6 +19,7 @@ from typing import IO, Any
 from omegaconf import DictConfig, OmegaConf
 
 from cl_vla.config.fingerprint import check_resume_config, config_fingerprint
+from cl_vla.tracking.log_continuity import LogContinuation, new_wandb_id
 from cl_vla.training.checkpointing import (
     STATE_FILE,
     CheckpointError,
@@ -176,6 +177,12 @@ class RunHandle:
     fingerprint: dict[str, Any]
     resume: ResumePoint | None
     lock: RunLock | None
+    wandb_id: str | None = None  # the run's W&B id (run.json), the same across every resume
+
+    @property
+    def logs(self) -> LogContinuation:
+        """Where this process's logs continue the run's (the checkpoint's step and CSV rows, its W&B id)."""
+        return LogContinuation.from_checkpoint(self.resume.payload if self.resume else None, self.wandb_id)
 
     def close(self) -> None:
         if self.lock is not None:
@@ -204,16 +211,37 @@ def open_run(cfg: DictConfig, claim: bool = True) -> RunHandle:
     if point is None and is_first_process():
         refuse_existing_run(run_dir)
     lock = RunLock(run_dir).acquire() if is_first_process() else None
+    wandb_id = _recorded_wandb_id(run_dir) if point is not None else None
     try:
         if lock is not None:
-            for folder in (run_dir, run_dir / "checkpoints"):
+            for folder in (run_dir, run_dir / "checkpoints", run_dir / "logs"):
                 remove_stale_temporaries(folder)
             if point is None or point.ckpt is None:
-                atomic_write_json(run_dir / RUN_FILE, {"fingerprint": fingerprint})
+                # A run (re)started from the beginning keeps its W&B id, so W&B shows one run.
+                wandb_id = wandb_id or new_wandb_id()
+                atomic_write_json(run_dir / RUN_FILE, {"fingerprint": fingerprint, "wandb_id": wandb_id})
                 text = OmegaConf.to_yaml(cfg, resolve=True)
                 atomic_write_bytes(run_dir / "config.resolved.yaml", text.encode())
+            elif wandb_id is None:
+                # A run from before W&B ids were recorded: from now on its resumes continue one W&B run.
+                wandb_id = new_wandb_id()
+                record = _run_record(run_dir)
+                atomic_write_json(run_dir / RUN_FILE, {**record, "wandb_id": wandb_id})
     except BaseException:
         if lock is not None:
             lock.release()
         raise
-    return RunHandle(run_dir=run_dir, fingerprint=fingerprint, resume=point, lock=lock)
+    return RunHandle(run_dir=run_dir, fingerprint=fingerprint, resume=point, lock=lock, wandb_id=wandb_id)
+
+
+def _run_record(run_dir: Path) -> dict[str, Any]:
+    try:
+        record = json.loads((run_dir / RUN_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _recorded_wandb_id(run_dir: Path) -> str | None:
+    wid = _run_record(run_dir).get("wandb_id")
+    return wid if isinstance(wid, str) and wid else None
