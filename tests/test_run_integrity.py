@@ -4,8 +4,9 @@ sentence, with a non-zero exit, and leave every file of earlier runs as it was (
 Bad-input kinds covered here: a damaged checkpoint, a resume that changes a fingerprinted setting
 (two examples; every setting in tests/test_resume_fingerprint.py), data=local with a missing folder, a
 local dataset missing a metadata file, a GPU trainer without a GPU, an output folder that cannot be
-made, a run directory another process writes, and a run killed before its first checkpoint (which is
-restarted rather than refused).
+made, a run directory another process writes, a run killed before its first checkpoint (which is
+restarted rather than refused), and a damaged or altered digest file beside an intact checkpoint (named as
+the damaged file; the checkpoint is verified by the digest state.json records).
 """
 
 from __future__ import annotations
@@ -314,6 +315,45 @@ def test_truncated_checkpoint_without_digest_is_called_corrupt(finished_run, tmp
     with pytest.raises(CheckpointError, match="is corrupt or not a cl_vla checkpoint"):
         read_checkpoint(ckpt)
     assert "has no .sha256 digest" in capsys.readouterr().err
+
+
+# ---- a damaged digest file: the sidecar is named, its intact checkpoint still verified -----------------
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated"])
+def test_damaged_sidecar_is_named_and_its_checkpoint_verified_by_state_json(
+    synthetic_libero, run_copy, capsys, tmp_path, damage
+):
+    from cl_vla.training.checkpointing import digest_path, state_digest
+    from cl_vla.training.run_dir import resolve_resume
+
+    ckpt = run_copy / "checkpoints" / "task_01.ckpt"
+    side = digest_path(ckpt)
+    side.write_text("" if damage == "empty" else side.read_text()[:20])
+    assert state_digest(ckpt) is not None  # state.json holds every checkpoint's digest
+    before = tree_digest(run_copy)
+    point = resolve_resume(str(ckpt))  # verified by state.json's record, not refused
+    assert point.ckpt == ckpt and point.state.task == 2
+    err = capsys.readouterr().err
+    assert "task_01.ckpt.sha256 is damaged" in err and "matches the digest state.json recorded" in err
+    assert tree_digest(run_copy) == before
+
+    # Without the second record: one sentence naming the sidecar, not "resume from an earlier one".
+    state = json.loads((run_copy / "checkpoints" / "state.json").read_text())
+    del state["digests"]
+    (run_copy / "checkpoints" / "state.json").write_text(json.dumps(state))
+    line = _refused(capsys, *_overrides(synthetic_libero), f"output_dir={tmp_path / 'o'}", f"resume={ckpt}")
+    assert "task_01.ckpt.sha256' is damaged" in line and "not known to be damaged" in line
+    assert "resume from an earlier one" not in line
+
+
+def test_altered_sidecar_with_intact_checkpoint_is_not_called_damaged(run_copy, capsys):
+    from cl_vla.training.checkpointing import digest_path, verify_checkpoint
+
+    ckpt = run_copy / "checkpoints" / "task_00.ckpt"
+    digest_path(ckpt).write_text("0" * 64 + "  task_00.ckpt\n")
+    verify_checkpoint(ckpt)
+    assert "the digest file was altered, not the checkpoint" in capsys.readouterr().err
 
 
 # ---- found in review ----------------------------------------------------------------------------------

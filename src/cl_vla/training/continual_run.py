@@ -29,6 +29,7 @@ from cl_vla.training.checkpointing import (
     atomic_write_json,
     rng_state,
     set_rng_state,
+    state_digests,
 )
 from cl_vla.training.module import CLPolicyModule
 from cl_vla.training.run_dir import RunHandle
@@ -149,7 +150,10 @@ class ContinualRun:
         self.state.checkpoint = name
         self.trainer.save_checkpoint(path, weights_only=False)
         if self.trainer.is_global_zero:
-            atomic_write_json(self.ckpt_dir / STATE_FILE, {"checkpoint": name, **self.state.to_json()})
+            digests = {**state_digests(self.ckpt_dir), **self.ckpt_io.digests}
+            atomic_write_json(
+                self.ckpt_dir / STATE_FILE, {"checkpoint": name, **self.state.to_json(), "digests": digests}
+            )
 
     def _after_step(self, task: int, step: int) -> None:
         self.state.task, self.state.step_in_task = task, step
