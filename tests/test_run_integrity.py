@@ -356,6 +356,28 @@ def test_altered_sidecar_with_intact_checkpoint_is_not_called_damaged(run_copy, 
     assert "the digest file was altered, not the checkpoint" in capsys.readouterr().err
 
 
+def test_read_only_run_directory_is_one_sentence(synthetic_libero, run_copy, capsys, tmp_path, monkeypatch):
+    """A resume into a run directory it cannot write (read-only mount, another user's) is one sentence,
+    not an OSError traceback on .lock. (Simulated: tests run as root, whom chmod does not stop.)"""
+    import errno
+
+    import cl_vla.training.run_dir as run_dir_mod
+
+    def read_only(path, *args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(run_dir_mod, "open", read_only, raising=False)
+    before = tree_digest(run_copy)
+    line = _refused(
+        capsys, *_overrides(synthetic_libero), f"output_dir={tmp_path / 'o'}", f"resume={run_copy}"
+    )
+    assert line == (
+        f"error: Run directory '{run_copy}' cannot be written (Permission denied); make it writable or "
+        "resume a writable copy of it."
+    )
+    assert tree_digest(run_copy) == before
+
+
 # ---- found in review ----------------------------------------------------------------------------------
 
 

@@ -210,7 +210,10 @@ def open_run(cfg: DictConfig, claim: bool = True) -> RunHandle:
             check_resume_config(point.fingerprint, cfg, run_dir)
     if point is None and is_first_process():
         refuse_existing_run(run_dir)
-    lock = RunLock(run_dir).acquire() if is_first_process() else None
+    try:
+        lock = RunLock(run_dir).acquire() if is_first_process() else None
+    except OSError as e:
+        raise _unwritable(run_dir, e, resumed=point is not None) from None
     wandb_id = _recorded_wandb_id(run_dir) if point is not None else None
     try:
         if lock is not None:
@@ -227,11 +230,22 @@ def open_run(cfg: DictConfig, claim: bool = True) -> RunHandle:
                 wandb_id = new_wandb_id()
                 record = _run_record(run_dir)
                 atomic_write_json(run_dir / RUN_FILE, {**record, "wandb_id": wandb_id})
-    except BaseException:
+    except BaseException as e:
         if lock is not None:
             lock.release()
+        if isinstance(e, OSError):
+            raise _unwritable(run_dir, e, resumed=point is not None) from None
         raise
     return RunHandle(run_dir=run_dir, fingerprint=fingerprint, resume=point, lock=lock, wandb_id=wandb_id)
+
+
+def _unwritable(run_dir: Path, e: OSError, resumed: bool) -> CheckpointError:
+    """A run directory this process cannot write (read-only, full, another user's): one sentence."""
+    instead = "resume a writable copy of it" if resumed else "choose another folder (hydra.run.dir=<dir>)"
+    return CheckpointError(
+        f"Run directory {str(run_dir)!r} cannot be written ({e.strerror or e}); "
+        f"make it writable or {instead}."
+    )
 
 
 def _run_record(run_dir: Path) -> dict[str, Any]:
