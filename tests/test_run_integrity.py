@@ -378,6 +378,35 @@ def test_read_only_run_directory_is_one_sentence(synthetic_libero, run_copy, cap
     assert tree_digest(run_copy) == before
 
 
+def test_disk_full_while_writing_a_checkpoint_says_so_and_keeps_the_last_one(run_copy, monkeypatch):
+    """torch.save turns ENOSPC into "unexpected pos"; the sentence names the real cause, the partial file
+    is removed, and the checkpoint that was there is still verified."""
+    import errno
+    import io
+
+    import cl_vla.training.checkpointing as ck
+
+    ckpt = run_copy / "checkpoints" / "last.ckpt"
+    before = tree_digest(run_copy)
+    payload = torch.load(ckpt, map_location="cpu", weights_only=True)
+
+    class FullDisk(io.FileIO):
+        def write(self, b):
+            if self.tell() + len(b) > 4096:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return super().write(b)
+
+    monkeypatch.setattr(ck, "open", lambda p, mode: FullDisk(p, mode.replace("b", "")), raising=False)
+    with pytest.raises(ck.CheckpointError) as info:
+        ck.write_checkpoint(payload, ckpt)
+    assert str(info.value) == (
+        f"Writing checkpoint '{ckpt}' failed (No space left on device); the checkpoints already written are "
+        f"intact: free space (or fix the folder) and continue with resume='{run_copy}'."
+    )
+    assert tree_digest(run_copy) == before  # no partial file, the old checkpoint and its digest unchanged
+    ck.verify_checkpoint(ckpt)
+
+
 # ---- found in review ----------------------------------------------------------------------------------
 
 

@@ -85,10 +85,16 @@ class _HashingWriter:
 
     def __init__(self, f: IO[bytes]) -> None:
         self.f, self.sha = f, hashlib.sha256()
+        #: the OSError a write raised: torch.save reports it only as "unexpected pos", losing the cause
+        self.error: OSError | None = None
 
     def write(self, b: bytes) -> int:
         self.sha.update(b)
-        return self.f.write(b)
+        try:
+            return self.f.write(b)
+        except OSError as e:
+            self.error = e
+            raise
 
     def flush(self) -> None:
         self.f.flush()
@@ -147,19 +153,31 @@ def write_checkpoint(checkpoint: dict, path: Path) -> str:
     sidecar lists the new digest only. A kill at any point leaves ``path`` (old or new) matching a digest
     in its sidecar, so a crash never makes a good checkpoint look damaged.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_name(path)
-    with open(tmp, "wb") as f:
-        writer = _HashingWriter(f)
-        torch.save(checkpoint, writer)
-        f.flush()
-        os.fsync(f.fileno())
-    digest = writer.sha.hexdigest()
-    old = (recorded_digests(path) or [])[:1] if path.exists() else []
-    _write_digests(path, [digest, *old])
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-    _write_digests(path, [digest])
+    writer = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            writer = _HashingWriter(f)
+            torch.save(checkpoint, writer)
+            f.flush()
+            os.fsync(f.fileno())
+        digest = writer.sha.hexdigest()
+        old = (recorded_digests(path) or [])[:1] if path.exists() else []
+        _write_digests(path, [digest, *old])
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+        _write_digests(path, [digest])
+    except Exception as e:
+        cause = writer.error if writer is not None and writer.error is not None else e
+        if not isinstance(cause, OSError):
+            raise
+        tmp.unlink(missing_ok=True)  # the partial file; the checkpoints on disk stay as they were
+        run_dir = path.parent.parent
+        raise CheckpointError(
+            f"Writing checkpoint {str(path)!r} failed ({cause.strerror or cause}); the checkpoints already "
+            f"written are intact: free space (or fix the folder) and continue with resume={str(run_dir)!r}."
+        ) from e
     return digest
 
 
