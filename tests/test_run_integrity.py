@@ -163,6 +163,25 @@ def test_local_dataset_missing_tasks_parquet_is_named(synthetic_libero, capsys, 
     assert tree_digest(damaged) == before
 
 
+@pytest.mark.parametrize("damage", ["truncated", "flipped"])
+def test_local_dataset_with_a_damaged_data_parquet_names_the_file(synthetic_libero, capsys, tmp_path, damage):
+    root, _, _ = synthetic_libero
+    ds = tmp_path / "ds"
+    shutil.copytree(root, ds)
+    target = sorted((ds / "data").glob("**/*.parquet"))[0]
+    raw = bytearray(target.read_bytes())
+    if damage == "truncated":
+        raw = raw[: len(raw) // 2]
+    else:  # bytes flipped in the file's footer metadata
+        for i in range(len(raw) - 200, len(raw) - 100):
+            raw[i] ^= 0xFF
+    target.write_bytes(bytes(raw))
+    before = tree_digest(ds)
+    line = _refused(capsys, "data=local", f"data.root={ds}", f"output_dir={tmp_path / 'o'}")
+    assert f"'{target}' is truncated or damaged (" in line and "restore that file" in line, line
+    assert tree_digest(ds) == before
+
+
 # ---- 6: a GPU trainer without a GPU --------------------------------------------------------------------
 
 
