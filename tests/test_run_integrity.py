@@ -182,6 +182,45 @@ def test_local_dataset_with_a_damaged_data_parquet_names_the_file(synthetic_libe
     assert tree_digest(ds) == before
 
 
+def _nan_actions(ds: Path, episodes: set[int]) -> None:
+    """Set every action of ``episodes`` to NaN in the dataset's frame parquet files (schema kept)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    for path in sorted((ds / "data").glob("**/*.parquet")):
+        table = pq.read_table(path)
+        col = table.column("action").combine_chunks()
+        width = col.type.list_size
+        hit = np.isin(table.column("episode_index").to_numpy(), sorted(episodes))
+        values = pc.list_flatten(col).to_numpy(zero_copy_only=False).reshape(-1, width).copy()
+        values[hit] = np.nan
+        flat = pa.array(values.reshape(-1), type=col.type.value_type)
+        new = pa.FixedSizeListArray.from_arrays(flat, width)
+        table = table.set_column(table.schema.get_field_index("action"), table.schema.field("action"), new)
+        pq.write_table(table, path)
+
+
+def test_nan_actions_in_held_out_episodes_stop_the_run_naming_task_and_episodes(
+    synthetic_libero, capsys, tmp_path
+):
+    """A non-finite held-out score is an error naming the task and its episodes, never a NaN cell of R."""
+    from cl_vla.training.in_process import compose_run
+
+    root, _, _ = synthetic_libero
+    ds = tmp_path / "ds"
+    shutil.copytree(root, ds)
+    args = [a if not a.startswith("data.root=") else f"data.root={ds}" for a in _overrides(synthetic_libero)]
+    _, _, data, _ = compose_run(args, tmp_path / "probe")
+    held_out = set(data.streams[1].heldout_episodes)  # the split does not depend on frame values
+    _nan_actions(ds, held_out)
+    line = _refused(capsys, *args, f"output_dir={tmp_path / 'o'}")
+    eps = ", ".join(str(e) for e in sorted(held_out))
+    assert line.startswith("error: Held-out evaluation of task 1 (") and f"episode(s) {eps} hold" in line
+    assert "non-finite values in action" in line
+    assert not (tmp_path / "o" / "results.json").exists()
+
+
 # ---- 6: a GPU trainer without a GPU --------------------------------------------------------------------
 
 
