@@ -362,6 +362,18 @@ def test_new_run_into_an_existing_run_folder_is_refused(synthetic_libero, run_co
     assert tree_digest(run_copy) == before
 
 
+def test_train_py_new_run_into_a_run_folder_writes_nothing(run_copy):
+    """Refused before Hydra writes .hydra/ (config.yaml, overrides.yaml, hydra.yaml) into the folder: a
+    finished run's folder keeps recording its own configuration, byte for byte."""
+    (run_copy / ".hydra").mkdir()
+    (run_copy / ".hydra" / "overrides.yaml").write_text("- algorithm=er\n")
+    before = tree_digest(run_copy)
+    proc = run_train(["experiment=smoke", "algorithm=ewc", f"hydra.run.dir={run_copy}"], timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "already holds a cl_vla run" in last_line(proc.stderr)
+    assert tree_digest(run_copy) == before
+
+
 def test_truncated_checkpoint_without_digest_is_called_corrupt(finished_run, tmp_path, capsys):
     """A checkpoint from before digests existed (no sidecar) is still checked by loading it."""
     from cl_vla.training.checkpointing import CheckpointError, digest_path, read_checkpoint

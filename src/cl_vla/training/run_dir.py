@@ -11,11 +11,13 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from cl_vla.config.fingerprint import check_resume_config, config_fingerprint
@@ -152,6 +154,21 @@ def refuse_existing_run(run_dir: Path) -> None:
             f"Output folder {str(run_dir)!r} already holds a cl_vla run; continue it with "
             f"resume={str(run_dir)!r} or choose another folder (hydra.run.dir=<dir>)."
         )
+
+
+class RunDirGuard(Callback):
+    """Hydra callback: refuse a new run into a folder that already holds one *before* Hydra writes that
+    folder's ``.hydra/`` record (``on_run_start`` runs first), so a refused command writes nothing:
+    a finished run's folder keeps recording its own configuration."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if config.get("resume") or config.get("dry_run") or not is_first_process():
+            return
+        try:
+            refuse_existing_run(Path(str(config.hydra.run.dir)))
+        except CheckpointError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
 
 
 def _rerun_sweep_job(cfg: DictConfig, run_dir: Path) -> bool:
