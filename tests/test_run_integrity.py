@@ -221,6 +221,41 @@ def test_nan_actions_in_held_out_episodes_stop_the_run_naming_task_and_episodes(
     assert not (tmp_path / "o" / "results.json").exists()
 
 
+def test_resume_with_data_root_at_another_dataset_is_refused_and_leaves_it_unchanged(
+    synthetic_libero, run_copy, capsys, tmp_path
+):
+    """data.root may move on resume only to a copy of the run's dataset (checked by its meta/ digest,
+    recorded in run.json); another dataset there is refused before anything reads or rewrites it."""
+    from cl_vla.cli import validate_config
+    from cl_vla.data.synthetic import SyntheticSpec, write_synthetic_dataset
+    from cl_vla.data.task_sequences import get_task_sequence
+    from cl_vla.training.run_dir import open_run
+
+    root, repo_id, _ = synthetic_libero
+    assert "dataset" in json.loads((run_copy / "run.json").read_text())
+    tasks = tuple(get_task_sequence("libero_spatial").tasks[:2])
+    other = write_synthetic_dataset(
+        tmp_path / "other",
+        repo_id,
+        SyntheticSpec(tasks, episodes_per_task=2, frames_per_episode=4, image_size=8),
+    )
+    capsys.readouterr()  # the writer's progress bars
+    before, run_before = tree_digest(other), tree_digest(run_copy)
+    args = [a for a in _overrides(synthetic_libero) if not a.startswith("data.root=")]
+    line = _refused(capsys, *args, f"data.root={other}", f"output_dir={tmp_path / 'o'}", f"resume={run_copy}")
+    assert line == (
+        f"error: data.root='{other}' holds another dataset than the one run '{run_copy}' was trained on "
+        "(its meta/ differs); a resume may move data.root only to a copy of that dataset, or, with "
+        "data=synthetic, to an empty folder where it is written again."
+    )
+    assert tree_digest(other) == before and tree_digest(run_copy) == run_before
+
+    copy = shutil.copytree(root, tmp_path / "moved")  # a moved copy of the run's own dataset is accepted
+    cfg = compose_config(*args, f"data.root={copy}", f"output_dir={tmp_path / 'o'}", f"resume={run_copy}")
+    cfg = validate_config(cfg)
+    assert open_run(cfg, claim=False).resume.run_dir == run_copy
+
+
 # ---- 6: a GPU trainer without a GPU --------------------------------------------------------------------
 
 

@@ -32,7 +32,7 @@ from cl_vla.training.checkpointing import (
     state_digests,
 )
 from cl_vla.training.module import CLPolicyModule
-from cl_vla.training.run_dir import RunHandle
+from cl_vla.training.run_dir import RunHandle, record_dataset
 from cl_vla.training.trainer import build_trainer
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,8 @@ class ContinualRun:
         self.T = data.num_tasks
         self.run_dir = handle.run_dir
         point = handle.resume
+        if handle.lock is not None and (point is None or point.ckpt is None):
+            record_dataset(self.run_dir, cfg)  # what a resume's data.root must still hold
         self.resume_ckpt: Path | None = point.ckpt if point else None
         self.resume_payload: dict | None = point.payload if point else None
         if point is not None and point.state is not None:

@@ -21,6 +21,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from cl_vla.config.fingerprint import check_resume_config, config_fingerprint
+from cl_vla.data.identity import dataset_identity
 from cl_vla.tracking.log_continuity import LogContinuation, new_wandb_id
 from cl_vla.training.checkpointing import (
     STATE_FILE,
@@ -214,6 +215,8 @@ def open_run(cfg: DictConfig, claim: bool = True) -> RunHandle:
     point = resolve_resume(cfg.resume) if cfg.resume else None
     if point is not None and point.fingerprint is not None:
         check_resume_config(point.fingerprint, cfg, cfg.resume)
+    if point is not None:
+        check_resume_dataset(point.run_dir, cfg)
     if not claim:
         return RunHandle(
             run_dir=point.run_dir if point else Path("."), fingerprint=fingerprint, resume=point, lock=None
@@ -263,6 +266,40 @@ def _unwritable(run_dir: Path, e: OSError, resumed: bool) -> CheckpointError:
         f"Run directory {str(run_dir)!r} cannot be written ({e.strerror or e}); "
         f"make it writable or {instead}."
     )
+
+
+def _dataset_root(cfg: DictConfig) -> Path | None:
+    """The one local dataset folder of the run (None: a hub dataset, or one folder per task)."""
+    from cl_vla.data.cross_sequence import is_cross_dataset
+
+    if cfg.data.root is None or is_cross_dataset(cfg.task_sequence):
+        return None
+    return Path(str(cfg.data.root)).expanduser()
+
+
+def record_dataset(run_dir: Path, cfg: DictConfig) -> None:
+    """Add the identity of the run's dataset to run.json (a run that starts: its dataset now exists)."""
+    root = _dataset_root(cfg)
+    identity = dataset_identity(root) if root is not None else None
+    if identity is not None:
+        atomic_write_json(run_dir / RUN_FILE, {**_run_record(run_dir), "dataset": identity})
+
+
+def check_resume_dataset(run_dir: Path, cfg: DictConfig) -> None:
+    """data.root may move on resume, but only to a copy of the run's dataset: another dataset there is
+    refused before anything reads or (data=synthetic) rewrites it. A folder without a dataset is left
+    to the data step (a synthetic dataset is written there again, the same)."""
+    recorded = _run_record(run_dir).get("dataset")
+    root = _dataset_root(cfg)
+    if not isinstance(recorded, str) or root is None:
+        return
+    found = dataset_identity(root)
+    if found is not None and found != recorded:
+        raise CheckpointError(
+            f"data.root={str(root)!r} holds another dataset than the one run {str(run_dir)!r} was trained "
+            "on (its meta/ differs); a resume may move data.root only to a copy of that dataset, or, with "
+            "data=synthetic, to an empty folder where it is written again."
+        )
 
 
 def _run_record(run_dir: Path) -> dict[str, Any]:
