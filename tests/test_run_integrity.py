@@ -5,8 +5,14 @@ Bad-input kinds covered here: a damaged checkpoint, a resume that changes a fing
 (two examples; every setting in tests/test_resume_fingerprint.py), data=local with a missing folder, a
 local dataset missing a metadata file, a GPU trainer without a GPU, an output folder that cannot be
 made, a run directory another process writes, a run killed before its first checkpoint (which is
-restarted rather than refused), and a damaged or altered digest file beside an intact checkpoint (named as
-the damaged file; the checkpoint is verified by the digest state.json records).
+restarted rather than refused), a damaged or altered digest file beside an intact checkpoint (named as
+the damaged file; the checkpoint is verified by the digest state.json records), a new run into a run's
+folder through train.py (refused before Hydra writes .hydra/ there), a resume whose data.root holds
+another dataset, a run directory that cannot be written, a disk that fills up during a checkpoint, a
+local dataset with a truncated or damaged parquet file, and held-out episodes with NaN actions.
+Elsewhere: trainer values and trainer.lightning arguments (tests/test_bad_input_loop.py,
+tests/test_trainer_from_config.py), a sweep with a refused job (tests/test_sweep_report.py), truncated
+pretrained weights (tests/test_vla_twins.py), log continuity across a SIGKILL (tests/test_loop_e2e.py).
 """
 
 from __future__ import annotations
