@@ -77,3 +77,12 @@ def test_loggers_resume_the_saved_wandb_id_and_purge_tensorboard_after_the_step(
     (tb,) = [lg for lg in loggers if isinstance(lg, TensorBoardLogger)]
     assert tb._kwargs["purge_step"] == 49  # the checkpoint's own step (its R row) stays
     assert any(isinstance(lg, ContinuingCSVLogger) for lg in loggers)
+
+
+def test_empty_log_left_by_a_kill_is_started_afresh(tmp_path):
+    path = tmp_path / "logs" / "metrics.csv"
+    path.parent.mkdir()
+    path.write_text("")
+    logger = ContinuingCSVLogger(str(tmp_path), "logs", LogContinuation(step=8, csv_rows=2))
+    logger.log_metrics({"train/loss": 0.5}, step=11)
+    assert _steps(path) == [11]

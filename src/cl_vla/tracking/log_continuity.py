@@ -14,6 +14,7 @@ leaves the file as it was.
 from __future__ import annotations
 
 import csv
+import json
 import os
 import secrets
 import string
@@ -53,8 +54,6 @@ class LogContinuation:
     def from_checkpoint(cls, payload: dict | None, wandb_id: str | None) -> LogContinuation:
         if payload is None:
             return cls(wandb_id=wandb_id)
-        import json
-
         marks = json.loads(payload.get("cl_vla", {}).get(LOG_MARKS_KEY, "{}"))
         return cls(wandb_id=wandb_id, step=int(payload.get("global_step", 0)), csv_rows=marks.get("csv_rows"))
 
@@ -79,13 +78,16 @@ class _ContinuingWriter(ExperimentWriter):
             reader = csv.DictReader(f)
             header = list(reader.fieldnames or [])
             rows = list(reader)
+        if not header:  # an empty file (killed as it was created): start it afresh
+            path.unlink()
+            return
         kept = rows[: keep.csv_rows or 0]
         # Rows written after the checkpoint are kept only when they describe steps it holds: Lightning logs
         # step k's training metrics under step k - 1, just after on_train_batch_end wrote the checkpoint.
         kept += [r for r in rows[len(kept) :] if (s := _step(r)) is not None and s < keep.step]
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
         with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=header)
+            writer = csv.DictWriter(f, fieldnames=header, extrasaction="ignore")  # a mangled row's excess
             writer.writeheader()
             writer.writerows(kept)
             f.flush()
