@@ -86,3 +86,25 @@ def test_empty_log_left_by_a_kill_is_started_afresh(tmp_path):
     logger = ContinuingCSVLogger(str(tmp_path), "logs", LogContinuation(step=8, csv_rows=2))
     logger.log_metrics({"train/loss": 0.5}, step=11)
     assert _steps(path) == [11]
+
+
+def test_tensorboard_resume_hides_the_events_after_the_checkpoint(tmp_path):
+    """Read back with TensorBoard's own loader: the killed process's events after the checkpoint's step
+    are purged, those up to it stay, the resumed process's follow."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = compose_config("logger=none", "logger.tensorboard=true", f"output_dir={tmp_path}")
+
+    def log(keep: LogContinuation, steps: range, value: float) -> None:
+        (tb,) = [lg for lg in build_loggers(cfg, tmp_path, "run", keep) if isinstance(lg, TensorBoardLogger)]
+        for s in steps:
+            tb.log_metrics({"train/loss": value}, step=s)
+        tb.finalize("success")
+
+    log(LogContinuation(), range(10), 1.0)  # killed after step 9; its checkpoint is at step 5
+    log(LogContinuation(step=5), range(5, 10), 2.0)
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    events = [(e.step, e.value) for e in acc.Scalars("train/loss")]
+    assert {s for s, _ in events} == set(range(10))
+    assert [v for s, v in events if s > 5] == [2.0] * 4 and [v for s, v in events if s < 5] == [1.0] * 5
