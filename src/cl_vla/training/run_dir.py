@@ -1,6 +1,7 @@
 """A run directory: claimed by one process at a time, and resolved from ``resume=``.
 
-A run directory holds ``run.json`` (the configuration fingerprint, written before any work),
+A run directory holds ``run.json`` (the configuration fingerprint, written before any work; the run's
+W&B id, kept across resumes; the digest of its dataset's ``meta/``, which a resume's data.root must match),
 ``config.resolved.yaml``, ``checkpoints/`` (``state.json`` pointing at the newest complete checkpoint)
 and the results. While a process writes it, it holds an exclusive ``flock`` on ``<run>/.lock``; the
 kernel drops the lock when the process dies (even by SIGKILL), so a stale lock never blocks a resume.
