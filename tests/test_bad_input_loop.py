@@ -85,6 +85,39 @@ def test_validate_config_names_the_key(override: str, fragment: str) -> None:
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("override", "line"),
+    [
+        ("trainer.lr=nan", "error: trainer.lr=nan is not allowed; it must be a finite number > 0."),
+        ("trainer.lr=inf", "error: trainer.lr=inf is not allowed; it must be a finite number > 0."),
+        (
+            "trainer.warmup_steps=-1",
+            "error: trainer.warmup_steps=-1 is not allowed; it must be an integer >= 0.",
+        ),
+        (
+            "trainer.min_lr_ratio=1.5",
+            "error: trainer.min_lr_ratio=1.5 is not allowed; it must be a number in [0, 1].",
+        ),
+        (
+            "trainer.weight_decay=-0.1",
+            "error: trainer.weight_decay=-0.1 is not allowed; it must be a finite number >= 0.",
+        ),
+        (
+            "+trainer.lightning.log_every_n_steps=5",
+            "error: trainer.lightning.log_every_n_steps is not allowed: cl_vla sets that argument from "
+            "trainer.log_every_n_steps; set trainer.log_every_n_steps instead.",
+        ),
+    ],
+)
+def test_bad_trainer_value_is_one_line_before_any_work(capsys, tmp_path, override: str, line: str) -> None:
+    """Refused in validation, before the run directory is claimed or any data is read."""
+    with pytest.raises(SystemExit) as info:
+        run_main(compose_config(override, f"output_dir={tmp_path / 'run'}"))
+    assert info.value.code == 2
+    assert [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()] == [line]
+    assert not (tmp_path / "run").exists()
+
+
 # ---- train.py (subprocess) --------------------------------------------------------------------------------
 
 

@@ -117,24 +117,54 @@ def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return ckpt["state_dict"]
 
 
-def _resume_in_process(root, repo_id, run_dir: Path, out_dir: Path) -> str:
+def _resume_in_process(root, repo_id, run_dir: Path, out_dir: Path, extra=()) -> str:
     """Resume ``run_dir`` as ``train.py resume=<run_dir>`` would, in this process; returns what it printed."""
     console = Console(record=True, file=io.StringIO(), width=200)
-    run_in_process(_small_args(root, repo_id, [f"resume={run_dir}"]), out_dir, console=console)
+    run_in_process(_small_args(root, repo_id, [f"resume={run_dir}", *extra]), out_dir, console=console)
     return console.export_text()
+
+
+#: The killed run and its resume log to CSV and (offline) W&B; the reference run to CSV only. A row is
+#: logged every 4 steps, on the checkpoint steps themselves (the case where a row follows its checkpoint).
+LOGGED = ["logger=default", "trainer.log_every_n_steps=4"]
+
+
+def _wait_for_row(run_dir: Path, step: int, proc: subprocess.Popen, timeout_s: float = 5.0) -> None:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline and proc.poll() is None:
+        if any(r.get("step", "").isdigit() and int(r["step"]) >= step for r in _csv_rows(run_dir)):
+            return
+        time.sleep(0.005)
+
+
+def _csv_rows(run_dir: Path) -> list[dict[str, str]]:
+    import csv
+
+    with open(run_dir / "logs" / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _assert_same_log(cut: list[dict[str, str]], ref: list[dict[str, str]]) -> None:
+    """The resumed run's CSV holds the uninterrupted run's rows: same steps, same metrics, same values."""
+    assert [r["step"] for r in cut] == [r["step"] for r in ref]
+    for a, b in zip(cut, ref, strict=True):
+        assert {k for k, v in a.items() if v} == {k for k, v in b.items() if v}, (a, b)
+        for k, v in b.items():
+            if v:
+                assert float(a[k]) == pytest.approx(float(v), abs=1e-5), (k, a, b)
 
 
 def test_sigkill_mid_task_then_resume_matches_uninterrupted(synthetic_libero, tmp_path):
     # Only the killed run needs its own process; the others run in this one (no interpreter start-up).
     root, repo_id, _ = synthetic_libero
     ref_dir, cut_dir = tmp_path / "ref", tmp_path / "cut"
-    run_in_process(_small_args(root, repo_id), ref_dir)
+    run_in_process(_small_args(root, repo_id, [*LOGGED, "logger.wandb.enabled=false"]), ref_dir)
 
     # Start the same run and SIGKILL it once it has written a mid-task checkpoint of the second task.
     cmd = [
         sys.executable,
         str(REPO_ROOT / "train.py"),
-        *_small_args(root, repo_id),
+        *_small_args(root, repo_id, LOGGED),
         f"hydra.run.dir={cut_dir}",
     ]
     proc = subprocess.Popen(
@@ -153,6 +183,9 @@ def test_sigkill_mid_task_then_resume_matches_uninterrupted(synthetic_libero, tm
         except (FileNotFoundError, json.JSONDecodeError):
             state = None
         if state and state["checkpoint"] == "last.ckpt" and state["task"] == 1 and state["step_in_task"] >= 8:
+            # Lightning logs the checkpoint step's row just after the checkpoint: let it reach the CSV
+            # file (a kill in that instant would lose that one row; the uninterrupted run has it).
+            _wait_for_row(cut_dir, 24 + state["step_in_task"] - 1, proc)
             proc.send_signal(signal.SIGKILL)
             killed_at = (state["task"], state["step_in_task"])
             break
@@ -163,9 +196,17 @@ def test_sigkill_mid_task_then_resume_matches_uninterrupted(synthetic_libero, tm
     legacy_dir = tmp_path / "legacy"
     shutil.copytree(cut_dir, legacy_dir)
     _as_written_before_lambda_lr(legacy_dir / "checkpoints" / "last.ckpt", steps_per_task=24)
+    before = _csv_rows(cut_dir)
+    assert before and int(before[-1]["step"]) >= 24 + 8 - 1  # task 0's rows and task 1's first ones
 
-    printed = _resume_in_process(root, repo_id, cut_dir, tmp_path / "resume_out")
+    printed = _resume_in_process(root, repo_id, cut_dir, tmp_path / "resume_out", LOGGED)
     assert "resuming" in printed and "at task 2/3" in printed, printed[-2000:]
+
+    # One continuous CSV log, row for row the uninterrupted run's, and one W&B run, resumed by its id.
+    _assert_same_log(_csv_rows(cut_dir), _csv_rows(ref_dir))
+    wandb_id = json.loads((cut_dir / "run.json").read_text())["wandb_id"]
+    runs = sorted((cut_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(wandb_id in r.name for r in runs), runs
 
     r_ref = json.loads((ref_dir / "results.json").read_text())["matrix"]
     r_cut = json.loads((cut_dir / "results.json").read_text())["matrix"]

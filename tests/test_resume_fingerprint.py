@@ -121,3 +121,19 @@ def test_schema_fields_are_all_in_the_fingerprint_or_allowed():
     open_groups = {"algorithm", "model"}  # open mappings: their keys come from each choice's YAML
     for name in set(walk(Config)) - open_groups:
         assert name in keys or any(k.startswith(name + ".") for k in keys), name
+
+
+def test_another_task_order_shows_where_the_orders_differ():
+    """Two orders of LIBERO-Spatial's long instructions share a long prefix: the message shows both
+    values from just before their first difference, not the same cut-off start twice."""
+    cfg = _compose("task_sequence=libero_spatial")
+    tasks = list(cfg.task_sequence.tasks)
+    swapped = [*tasks[:5], tasks[6], tasks[5], *tasks[7:]]
+    with pytest.raises(ResumeMismatch) as info:
+        check_resume_config(config_fingerprint(cfg), _with(cfg, "task_sequence.tasks", swapped), "run")
+    msg = str(info.value)
+    was = msg.split("was made with task_sequence.tasks=")[1].split(" but this run has")[0]
+    now = msg.split("but this run has task_sequence.tasks=")[1].split(" (they differ")[0]
+    assert was != now and was.startswith("...") and now.startswith("...")
+    assert tasks[5][:20] in was and tasks[6][:20] in now  # each side shows its own task at that place
+    assert "(they differ from character" in msg and "\n" not in msg

@@ -4,8 +4,15 @@ sentence, with a non-zero exit, and leave every file of earlier runs as it was (
 Bad-input kinds covered here: a damaged checkpoint, a resume that changes a fingerprinted setting
 (two examples; every setting in tests/test_resume_fingerprint.py), data=local with a missing folder, a
 local dataset missing a metadata file, a GPU trainer without a GPU, an output folder that cannot be
-made, a run directory another process writes, and a run killed before its first checkpoint (which is
-restarted rather than refused).
+made, a run directory another process writes, a run killed before its first checkpoint (which is
+restarted rather than refused), a damaged or altered digest file beside an intact checkpoint (named as
+the damaged file; the checkpoint is verified by the digest state.json records), a new run into a run's
+folder through train.py (refused before Hydra writes .hydra/ there), a resume whose data.root holds
+another dataset, a run directory that cannot be written, a disk that fills up during a checkpoint, a
+local dataset with a truncated or damaged parquet file, and held-out episodes with NaN actions.
+Elsewhere: trainer values and trainer.lightning arguments (tests/test_bad_input_loop.py,
+tests/test_trainer_from_config.py), a sweep with a refused job (tests/test_sweep_report.py), truncated
+pretrained weights (tests/test_vla_twins.py), log continuity across a SIGKILL (tests/test_loop_e2e.py).
 """
 
 from __future__ import annotations
@@ -162,6 +169,99 @@ def test_local_dataset_missing_tasks_parquet_is_named(synthetic_libero, capsys, 
     assert tree_digest(damaged) == before
 
 
+@pytest.mark.parametrize("damage", ["truncated", "flipped"])
+def test_local_dataset_with_a_damaged_data_parquet_names_the_file(synthetic_libero, capsys, tmp_path, damage):
+    root, _, _ = synthetic_libero
+    ds = tmp_path / "ds"
+    shutil.copytree(root, ds)
+    target = sorted((ds / "data").glob("**/*.parquet"))[0]
+    raw = bytearray(target.read_bytes())
+    if damage == "truncated":
+        raw = raw[: len(raw) // 2]
+    else:  # bytes flipped in the file's footer metadata
+        for i in range(len(raw) - 200, len(raw) - 100):
+            raw[i] ^= 0xFF
+    target.write_bytes(bytes(raw))
+    before = tree_digest(ds)
+    line = _refused(capsys, "data=local", f"data.root={ds}", f"output_dir={tmp_path / 'o'}")
+    assert f"'{target}' is truncated or damaged (" in line and "restore that file" in line, line
+    assert tree_digest(ds) == before
+
+
+def _nan_actions(ds: Path, episodes: set[int]) -> None:
+    """Set every action of ``episodes`` to NaN in the dataset's frame parquet files (schema kept)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    for path in sorted((ds / "data").glob("**/*.parquet")):
+        table = pq.read_table(path)
+        col = table.column("action").combine_chunks()
+        width = col.type.list_size
+        hit = np.isin(table.column("episode_index").to_numpy(), sorted(episodes))
+        values = pc.list_flatten(col).to_numpy(zero_copy_only=False).reshape(-1, width).copy()
+        values[hit] = np.nan
+        flat = pa.array(values.reshape(-1), type=col.type.value_type)
+        new = pa.FixedSizeListArray.from_arrays(flat, width)
+        table = table.set_column(table.schema.get_field_index("action"), table.schema.field("action"), new)
+        pq.write_table(table, path)
+
+
+def test_nan_actions_in_held_out_episodes_stop_the_run_naming_task_and_episodes(
+    synthetic_libero, capsys, tmp_path
+):
+    """A non-finite held-out score is an error naming the task and its episodes, never a NaN cell of R."""
+    from cl_vla.training.in_process import compose_run
+
+    root, _, _ = synthetic_libero
+    ds = tmp_path / "ds"
+    shutil.copytree(root, ds)
+    args = [a if not a.startswith("data.root=") else f"data.root={ds}" for a in _overrides(synthetic_libero)]
+    _, _, data, _ = compose_run(args, tmp_path / "probe")
+    held_out = set(data.streams[1].heldout_episodes)  # the split does not depend on frame values
+    _nan_actions(ds, held_out)
+    line = _refused(capsys, *args, f"output_dir={tmp_path / 'o'}")
+    eps = ", ".join(str(e) for e in sorted(held_out))
+    assert line.startswith("error: Held-out evaluation of task 1 (") and f"episode(s) {eps} hold" in line
+    assert "non-finite values in action" in line
+    assert not (tmp_path / "o" / "results.json").exists()
+
+
+def test_resume_with_data_root_at_another_dataset_is_refused_and_leaves_it_unchanged(
+    synthetic_libero, run_copy, capsys, tmp_path
+):
+    """data.root may move on resume only to a copy of the run's dataset (checked by its meta/ digest,
+    recorded in run.json); another dataset there is refused before anything reads or rewrites it."""
+    from cl_vla.cli import validate_config
+    from cl_vla.data.synthetic import SyntheticSpec, write_synthetic_dataset
+    from cl_vla.data.task_sequences import get_task_sequence
+    from cl_vla.training.run_dir import open_run
+
+    root, repo_id, _ = synthetic_libero
+    assert "dataset" in json.loads((run_copy / "run.json").read_text())
+    tasks = tuple(get_task_sequence("libero_spatial").tasks[:2])
+    other = write_synthetic_dataset(
+        tmp_path / "other",
+        repo_id,
+        SyntheticSpec(tasks, episodes_per_task=2, frames_per_episode=4, image_size=8),
+    )
+    capsys.readouterr()  # the writer's progress bars
+    before, run_before = tree_digest(other), tree_digest(run_copy)
+    args = [a for a in _overrides(synthetic_libero) if not a.startswith("data.root=")]
+    line = _refused(capsys, *args, f"data.root={other}", f"output_dir={tmp_path / 'o'}", f"resume={run_copy}")
+    assert line == (
+        f"error: data.root='{other}' holds another dataset than the one run '{run_copy}' was trained on "
+        "(its meta/ differs); a resume may move data.root only to a copy of that dataset, or, with "
+        "data=synthetic, to an empty folder where it is written again."
+    )
+    assert tree_digest(other) == before and tree_digest(run_copy) == run_before
+
+    copy = shutil.copytree(root, tmp_path / "moved")  # a moved copy of the run's own dataset is accepted
+    cfg = compose_config(*args, f"data.root={copy}", f"output_dir={tmp_path / 'o'}", f"resume={run_copy}")
+    cfg = validate_config(cfg)
+    assert open_run(cfg, claim=False).resume.run_dir == run_copy
+
+
 # ---- 6: a GPU trainer without a GPU --------------------------------------------------------------------
 
 
@@ -303,6 +403,18 @@ def test_new_run_into_an_existing_run_folder_is_refused(synthetic_libero, run_co
     assert tree_digest(run_copy) == before
 
 
+def test_train_py_new_run_into_a_run_folder_writes_nothing(run_copy):
+    """Refused before Hydra writes .hydra/ (config.yaml, overrides.yaml, hydra.yaml) into the folder: a
+    finished run's folder keeps recording its own configuration, byte for byte."""
+    (run_copy / ".hydra").mkdir()
+    (run_copy / ".hydra" / "overrides.yaml").write_text("- algorithm=er\n")
+    before = tree_digest(run_copy)
+    proc = run_train(["experiment=smoke", "algorithm=ewc", f"hydra.run.dir={run_copy}"], timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "already holds a cl_vla run" in last_line(proc.stderr)
+    assert tree_digest(run_copy) == before
+
+
 def test_truncated_checkpoint_without_digest_is_called_corrupt(finished_run, tmp_path, capsys):
     """A checkpoint from before digests existed (no sidecar) is still checked by loading it."""
     from cl_vla.training.checkpointing import CheckpointError, digest_path, read_checkpoint
@@ -314,6 +426,96 @@ def test_truncated_checkpoint_without_digest_is_called_corrupt(finished_run, tmp
     with pytest.raises(CheckpointError, match="is corrupt or not a cl_vla checkpoint"):
         read_checkpoint(ckpt)
     assert "has no .sha256 digest" in capsys.readouterr().err
+
+
+# ---- a damaged digest file: the sidecar is named, its intact checkpoint still verified -----------------
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated"])
+def test_damaged_sidecar_is_named_and_its_checkpoint_verified_by_state_json(
+    synthetic_libero, run_copy, capsys, tmp_path, damage
+):
+    from cl_vla.training.checkpointing import digest_path, state_digest
+    from cl_vla.training.run_dir import resolve_resume
+
+    ckpt = run_copy / "checkpoints" / "task_01.ckpt"
+    side = digest_path(ckpt)
+    side.write_text("" if damage == "empty" else side.read_text()[:20])
+    assert state_digest(ckpt) is not None  # state.json holds every checkpoint's digest
+    before = tree_digest(run_copy)
+    point = resolve_resume(str(ckpt))  # verified by state.json's record, not refused
+    assert point.ckpt == ckpt and point.state.task == 2
+    err = capsys.readouterr().err
+    assert "task_01.ckpt.sha256 is damaged" in err and "matches the digest state.json recorded" in err
+    assert tree_digest(run_copy) == before
+
+    # Without the second record: one sentence naming the sidecar, not "resume from an earlier one".
+    state = json.loads((run_copy / "checkpoints" / "state.json").read_text())
+    del state["digests"]
+    (run_copy / "checkpoints" / "state.json").write_text(json.dumps(state))
+    line = _refused(capsys, *_overrides(synthetic_libero), f"output_dir={tmp_path / 'o'}", f"resume={ckpt}")
+    assert "task_01.ckpt.sha256' is damaged" in line and "not known to be damaged" in line
+    assert "resume from an earlier one" not in line
+
+
+def test_altered_sidecar_with_intact_checkpoint_is_not_called_damaged(run_copy, capsys):
+    from cl_vla.training.checkpointing import digest_path, verify_checkpoint
+
+    ckpt = run_copy / "checkpoints" / "task_00.ckpt"
+    digest_path(ckpt).write_text("0" * 64 + "  task_00.ckpt\n")
+    verify_checkpoint(ckpt)
+    assert "the digest file was altered, not the checkpoint" in capsys.readouterr().err
+
+
+def test_read_only_run_directory_is_one_sentence(synthetic_libero, run_copy, capsys, tmp_path, monkeypatch):
+    """A resume into a run directory it cannot write (read-only mount, another user's) is one sentence,
+    not an OSError traceback on .lock. (Simulated: tests run as root, whom chmod does not stop.)"""
+    import errno
+
+    import cl_vla.training.run_dir as run_dir_mod
+
+    def read_only(path, *args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(run_dir_mod, "open", read_only, raising=False)
+    before = tree_digest(run_copy)
+    line = _refused(
+        capsys, *_overrides(synthetic_libero), f"output_dir={tmp_path / 'o'}", f"resume={run_copy}"
+    )
+    assert line == (
+        f"error: Run directory '{run_copy}' cannot be written (Permission denied); make it writable or "
+        "resume a writable copy of it."
+    )
+    assert tree_digest(run_copy) == before
+
+
+def test_disk_full_while_writing_a_checkpoint_says_so_and_keeps_the_last_one(run_copy, monkeypatch):
+    """torch.save turns ENOSPC into "unexpected pos"; the sentence names the real cause, the partial file
+    is removed, and the checkpoint that was there is still verified."""
+    import errno
+    import io
+
+    import cl_vla.training.checkpointing as ck
+
+    ckpt = run_copy / "checkpoints" / "last.ckpt"
+    before = tree_digest(run_copy)
+    payload = torch.load(ckpt, map_location="cpu", weights_only=True)
+
+    class FullDisk(io.FileIO):
+        def write(self, b):
+            if self.tell() + len(b) > 4096:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return super().write(b)
+
+    monkeypatch.setattr(ck, "open", lambda p, mode: FullDisk(p, mode.replace("b", "")), raising=False)
+    with pytest.raises(ck.CheckpointError) as info:
+        ck.write_checkpoint(payload, ckpt)
+    assert str(info.value) == (
+        f"Writing checkpoint '{ckpt}' failed (No space left on device); the checkpoints already written are "
+        f"intact: free space (or fix the folder) and continue with resume='{run_copy}'."
+    )
+    assert tree_digest(run_copy) == before  # no partial file, the old checkpoint and its digest unchanged
+    ck.verify_checkpoint(ckpt)
 
 
 # ---- found in review ----------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import last_line, run_train, session_tmp
+from conftest import last_line, run_train, session_tmp, synthetic_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -266,3 +266,27 @@ def test_the_same_sweep_launched_again_continues_each_job_where_it_stopped(sweep
         after = json.loads((p / "results.json").read_text())["matrix"]
         np.testing.assert_allclose(np.array(after, float), np.array(before[p.name], float), rtol=0, atol=1e-6)
         assert json.loads((p / "job_status.json").read_text())["status"] == "COMPLETED"
+
+
+def test_sweep_with_a_refused_job_ends_in_one_summary_line(synthetic_libero, tmp_path):
+    """The other jobs finish; the sweep ends with one line (how many finished and failed, which, where)
+    and exit code 2, not the failed job's exception raised again as a traceback."""
+    root, repo_id, _ = synthetic_libero
+    d = tmp_path / "sweep"
+    proc = run_train(
+        [
+            "-m",
+            "task_sequence=libero_spatial",
+            *synthetic_overrides(root, repo_id),
+            "dry_run=true",
+            "trainer.lr=1e-3,nan",
+            f"hydra.sweep.dir={d}",
+        ]
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert last_line(proc.stderr) == (
+        f"error: sweep '{d}': 1 job(s) finished, 1 failed (1_trainer.lr=nan: trainer.lr=nan is not "
+        "allowed; it must be a finite number > 0.); each job's job_status.json and log say more."
+    )
+    status = {p.parent.name: json.loads(p.read_text())["status"] for p in d.glob("*/job_status.json")}
+    assert status == {"0_trainer.lr=0.001": "COMPLETED", "1_trainer.lr=nan": "FAILED"}

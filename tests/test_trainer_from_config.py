@@ -67,3 +67,23 @@ def test_trainer_arguments_pass_through_except_those_the_loop_owns():
     assert extra_trainer_args(compose_config("+trainer.lightning.benchmark=true")) == {"benchmark": True}
     with pytest.raises(ConfigError, match=r"trainer\.lightning\.max_steps is set by the continual loop"):
         extra_trainer_args(compose_config("+trainer.lightning.max_steps=3"))
+
+
+def test_every_trainer_argument_cl_vla_sets_is_refused_naming_its_key(monkeypatch, tmp_path):
+    """Each argument build_trainer passes is refused from trainer.lightning (before any data), naming
+    the key that sets it, instead of Lightning's "got multiple values for keyword argument"."""
+    import cl_vla.training.trainer as trainer_mod
+
+    passed: dict = {}
+    monkeypatch.setattr(trainer_mod.L, "Trainer", lambda **kw: passed.update(kw))
+    cfg = compose_config(f"output_dir={tmp_path}")
+    trainer_mod.build_trainer(
+        cfg, tmp_path, max_steps=1, loggers=[], callbacks=[], plugins=[], grad_clip_norm=None
+    )
+    assert set(passed) <= trainer_mod.LOOP_OWNED | trainer_mod.FROM_KEYS.keys()
+    for arg in passed:
+        with pytest.raises(ConfigError) as info:
+            trainer_mod.check_trainer_config(compose_config(f"+trainer.lightning.{arg}=1"))
+        key = trainer_mod.FROM_KEYS.get(arg)
+        assert f"trainer.lightning.{arg}" in str(info.value)
+        assert (f"set {key} instead" if key else "set by the continual loop") in str(info.value)

@@ -157,6 +157,23 @@ def test_pretrained_folder_without_config_is_one_sentence(synthetic_libero, tmp_
     assert "\n" not in str(info.value)
 
 
+def test_truncated_pretrained_weights_are_named_in_one_sentence(synthetic_libero, tmp_path):
+    from cl_vla.policies.factory import make_policy, save_policy
+
+    _, _, data, policy_cfg = _compose(synthetic_libero, tmp_path, "smolvla_tiny")
+    folder = save_policy(tmp_path / "saved", make_policy(policy_cfg, data.dataset.meta), None, None)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    _, _, data2, cfg2 = _compose(
+        synthetic_libero, tmp_path, "smolvla_tiny", f"model.pretrained_path={folder}"
+    )
+    with pytest.raises(ConfigError) as info:
+        make_policy(cfg2, data2.dataset.meta)
+    msg = str(info.value)
+    assert msg.startswith(f"model.pretrained_path: '{weights}' cannot be read (") and "\n" not in msg
+    assert "truncated or damaged" in msg
+
+
 def test_state_or_action_wider_than_max_dims_is_one_sentence(synthetic_libero, tmp_path):
     with pytest.raises(DataError, match=r"8-d 'observation\.state', wider than .*max_state_dim=4"):
         _compose(synthetic_libero, tmp_path, "pi0_tiny", "model.max_state_dim=4")

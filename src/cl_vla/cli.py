@@ -58,6 +58,9 @@ def validate_config(cfg: DictConfig) -> DictConfig:
     from cl_vla.config.strategy import check_strategy
 
     check_strategy(cfg)
+    from cl_vla.training.trainer import check_trainer_config
+
+    check_trainer_config(cfg)
     if "_target_" not in cfg.algorithm:
         raise ConfigError("algorithm has no _target_; pick a choice of conf/algorithm/ (e.g. algorithm=er).")
     return cfg

@@ -123,13 +123,28 @@ def check_resume_config(saved: dict[str, Any], cfg: DictConfig, where: str | Pat
     for key in sorted(pairs):
         was, now_value = pairs[key]
         if was != now_value:
+            shown_was, shown_now, at = _show_pair(was, now_value)
             raise ResumeMismatch(
-                f"resume={str(where)!r} was made with {key}={_show(was)} but this run has "
-                f"{key}={_show(now_value)}; a resumed run must keep every setting that changes what is "
+                f"resume={str(where)!r} was made with {key}={shown_was} but this run has "
+                f"{key}={shown_now}{at}; a resumed run must keep every setting that changes what is "
                 "trained or evaluated (README 'Resume' lists those that may change)."
             )
 
 
-def _show(value: Any) -> str:
-    text = json.dumps(value) if not isinstance(value, str) else value
-    return text if len(text) <= 80 else text[:77] + "..."
+_SHOWN = 80  # characters of a value a message shows
+
+
+def _show_pair(was: Any, now: Any) -> tuple[str, str, str]:
+    """Both values as text; long ones cut to the same window around their first difference (two task
+    orders share a long prefix: cutting both at the start would show two equal strings)."""
+    a, b = (json.dumps(v) if not isinstance(v, str) else v for v in (was, now))
+    if len(a) <= _SHOWN and len(b) <= _SHOWN:
+        return a, b, ""
+    i = next((k for k, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+    start = max(0, i - _SHOWN // 3)
+    return _window(a, start), _window(b, start), f" (they differ from character {i})"
+
+
+def _window(text: str, start: int) -> str:
+    end = start + _SHOWN - 6
+    return ("..." if start else "") + text[start:end] + ("..." if end < len(text) else "")

@@ -72,6 +72,20 @@ def check_dataset_layout(root: Path) -> None:
         )
 
 
+def damaged_parquet(root: Path) -> tuple[Path, str] | None:
+    """The first parquet file of a local dataset that pyarrow cannot read whole, with why; None if all
+    read. Only called once opening failed: lerobot and `datasets` then say "An error occurred while
+    generating the dataset", naming neither the file nor the cause."""
+    import pyarrow.parquet as pq
+
+    for path in sorted([*root.glob("meta/**/*.parquet"), *root.glob("data/**/*.parquet")]):
+        try:
+            pq.read_table(path)
+        except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ... for a damaged file
+            return path, (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return None
+
+
 def open_dataset(
     repo_id: str,
     root: str | os.PathLike | None,
@@ -97,6 +111,13 @@ def open_dataset(
     except DataError:
         raise
     except Exception as e:  # lerobot raises many kinds; the user needs to know which dataset failed and why
+        damaged = damaged_parquet(root) if root is not None else None
+        if damaged is not None:
+            path, why = damaged
+            raise DataError(
+                f"Dataset {repo_id!r} cannot be read: {str(path)!r} is truncated or damaged ({why}); "
+                "restore that file from the original copy of the dataset."
+            ) from e
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         if root is None and offline:
             raise DataError(

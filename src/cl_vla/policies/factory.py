@@ -36,6 +36,26 @@ def _tokenizer_error(e: Exception, policy_cfg: Any) -> TokenizerNotFoundError | 
     )
 
 
+def _damaged_weights_error(e: BaseException, policy_cfg: Any) -> ConfigError | None:
+    """A weights file of ``model.pretrained_path`` that safetensors cannot read (truncated, damaged):
+    one sentence naming the file instead of safetensors' traceback."""
+    from safetensors import SafetensorError
+
+    cause: BaseException | None = e
+    while cause is not None and not isinstance(cause, SafetensorError):
+        cause = cause.__cause__ or cause.__context__
+    folder = getattr(policy_cfg, "pretrained_path", None)
+    if cause is None or not folder:
+        return None
+    weights = sorted(Path(folder).glob("*.safetensors"))
+    name = str(weights[0]) if len(weights) == 1 else f"a .safetensors file of {folder}"
+    why = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+    return ConfigError(
+        f"model.pretrained_path: {name!r} cannot be read ({why}); it is truncated or damaged: copy, "
+        "download or export it again."
+    )
+
+
 def make_policy(policy_cfg: Any, ds_meta: Any) -> Any:
     """lerobot's ``make_policy``, in the twin's build context."""
     from lerobot.policies.factory import make_policy as lerobot_make_policy
@@ -45,8 +65,10 @@ def make_policy(policy_cfg: Any, ds_meta: Any) -> Any:
     try:
         with building(twin_of(policy_cfg)):
             policy = lerobot_make_policy(policy_cfg, ds_meta=ds_meta)
-    except (OSError, ValueError) as e:
-        err = _tokenizer_error(e, policy_cfg)
+    except Exception as e:
+        err = _damaged_weights_error(e, policy_cfg)
+        if err is None and isinstance(e, OSError | ValueError):
+            err = _tokenizer_error(e, policy_cfg)
         if err is None:
             raise
         raise err from e

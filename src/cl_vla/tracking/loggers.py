@@ -9,11 +9,18 @@ from typing import Any
 
 import numpy as np
 from lightning.pytorch.callbacks import RichProgressBar
-from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
+from lightning.pytorch.loggers import Logger, TensorBoardLogger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
+from cl_vla.tracking.log_continuity import ContinuingCSVLogger, LogContinuation
 
-def build_loggers(cfg: DictConfig, run_dir: Path, run_name: str) -> list[Logger]:
+
+def build_loggers(
+    cfg: DictConfig, run_dir: Path, run_name: str, keep: LogContinuation | None = None
+) -> list[Logger]:
+    """The configured loggers, continuing where ``keep`` says (a resume): the CSV file keeps the rows
+    the checkpoint holds, TensorBoard hides the events after its step, W&B resumes the run's own id."""
+    keep = keep or LogContinuation()
     loggers: list[Logger] = []
     lc = cfg.logger
     if lc.wandb.enabled and lc.wandb.mode != "disabled":
@@ -39,12 +46,20 @@ def build_loggers(cfg: DictConfig, run_dir: Path, run_name: str) -> list[Logger]
                 config=config,
                 # A fresh run per job, so Hydra multirun jobs never merge into one W&B run.
                 reinit="finish_previous",
+                # The id saved in the run directory: every resume continues the same W&B run.
+                id=keep.wandb_id,
+                resume="allow" if keep.wandb_id else None,
             )
         )
     if lc.csv:
-        loggers.append(CSVLogger(save_dir=str(run_dir), name="logs", version=""))
+        loggers.append(ContinuingCSVLogger(save_dir=str(run_dir), name="logs", keep=keep))
     if lc.tensorboard:
-        loggers.append(TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version=""))
+        # TensorBoard hides earlier events at or after purge_step; events at the checkpoint's own step
+        # are kept (a task's R row is logged there before its checkpoint is written).
+        purge = keep.step + 1 if keep.step > 0 else 0
+        loggers.append(
+            TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version="", purge_step=purge)
+        )
     from cl_vla.config.instantiate import instantiate_named
 
     return [*loggers, *instantiate_named(lc.extra, Logger, "logger.extra")]

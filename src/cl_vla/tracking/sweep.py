@@ -33,6 +33,8 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from cl_vla.errors import CLVLAError
+
 MARKER = "sweep.json"
 JOB_STATUS = "job_status.json"
 #: Overrides that never make two sweeps different (resuming a run, Hydra's own bookkeeping).
@@ -340,6 +342,35 @@ def check_plugins(cfg: DictConfig) -> None:
         )
 
 
+def sweep_summary(sweep_dir: Path, listed: int = 3) -> str | None:
+    """One line for the end of a sweep with failed jobs: how many of its jobs finished and failed, and
+    which failed (from their ``job_status.json``); None when no job of ``sweep_dir`` failed."""
+    done, failed = 0, []
+    for job in sorted(p for p in sweep_dir.glob(f"*/{JOB_STATUS}")):
+        try:
+            status = json.loads(job.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if status.get("status") == "COMPLETED":
+            done += 1
+        elif status.get("status") == "FAILED":
+            failed.append(f"{job.parent.name}: {status.get('error') or 'unknown error'}")
+    if not failed:
+        return None
+    shown = "; ".join(failed[:listed]) + (
+        f"; and {len(failed) - listed} more" if len(failed) > listed else ""
+    )
+    return (
+        f"sweep {str(sweep_dir)!r}: {done} job(s) finished, {len(failed)} failed ({shown}); "
+        f"each job's {JOB_STATUS} and log say more."
+    )
+
+
+def _basic_sweeper(config: DictConfig) -> bool:
+    target = OmegaConf.select(config, "hydra.sweeper._target_", default="")
+    return str(target).endswith(".BasicSweeper")
+
+
 class SweepGuard(Callback):
     """Hydra callback: claims the sweep directory, records job status, checks plugins (see module doc)."""
 
@@ -375,3 +406,15 @@ class SweepGuard(Callback):
             tmp = Path(out) / f".{JOB_STATUS}.tmp"
             tmp.write_text(json.dumps(payload) + "\n", encoding="utf-8")
             os.replace(tmp, Path(out) / JOB_STATUS)
+        if status == "FAILED" and isinstance(exc, CLVLAError) and _basic_sweeper(config):
+            # Already one sentence on stderr and FAILED in job_status.json. Hydra's basic sweeper would
+            # raise it again once every job has run, as a traceback; on_multirun_end sums the sweep up
+            # in one line instead. (Other sweepers, e.g. Optuna, need the failure: they get it.)
+            from hydra.core.utils import JobStatus
+
+            job_return.status, job_return.return_value = JobStatus.COMPLETED, None
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        summary = sweep_summary(Path(str(config.hydra.sweep.dir)))
+        if summary is not None:
+            _fail(summary)

@@ -5,7 +5,9 @@ position and R matrix so far, the algorithm's full state, the normalization stat
 RNG states. It is loaded with ``weights_only=True``: everything in it is tensors and plain containers.
 
 Every checkpoint ``X.ckpt`` has a sidecar ``X.ckpt.sha256`` (``sha256sum -c`` format) written with it;
-loading verifies it, so a damaged or altered file is refused instead of silently resumed.
+loading verifies it, so a damaged or altered file is refused instead of silently resumed. ``state.json``
+records every checkpoint's digest a second time, so a damaged sidecar is named as the damaged file and
+its checkpoint is still verified.
 ``checkpoints/state.json`` points at the newest complete checkpoint; it is replaced only after that
 checkpoint is fully on disk, so a crash never leaves it pointing at a partial file.
 """
@@ -83,10 +85,16 @@ class _HashingWriter:
 
     def __init__(self, f: IO[bytes]) -> None:
         self.f, self.sha = f, hashlib.sha256()
+        #: the OSError a write raised: torch.save reports it only as "unexpected pos", losing the cause
+        self.error: OSError | None = None
 
     def write(self, b: bytes) -> int:
         self.sha.update(b)
-        return self.f.write(b)
+        try:
+            return self.f.write(b)
+        except OSError as e:
+            self.error = e
+            raise
 
     def flush(self) -> None:
         self.f.flush()
@@ -101,35 +109,76 @@ def _write_digests(ckpt: Path, digests: list[str]) -> None:
     atomic_write_bytes(digest_path(ckpt), text.encode())
 
 
+class DamagedSidecar(Exception):
+    """A ``.sha256`` sidecar that cannot be parsed: the sidecar is the damaged file, not its checkpoint."""
+
+
 def recorded_digests(ckpt: Path) -> list[str] | None:
     """Digests the sidecar accepts for ``ckpt`` (two only while a replacement is being renamed into
-    place); ``None`` for a checkpoint written before digests existed."""
+    place); ``None`` for a checkpoint written before digests existed. Raises :class:`DamagedSidecar`
+    (saying how) when the sidecar is empty or holds a line that is not ``<64 hex digits>  <name>``."""
     side = digest_path(ckpt)
     if not side.is_file():
         return None
-    return [line.split()[0] for line in side.read_text().splitlines() if line.strip()]
+    try:
+        lines = [ln for ln in side.read_text().splitlines() if ln.strip()]
+    except UnicodeDecodeError:
+        raise DamagedSidecar("it is not text") from None
+    if not lines:
+        raise DamagedSidecar("it is empty")
+    digests = [ln.split()[0] for ln in lines]
+    if any(len(d) != 64 or any(c not in "0123456789abcdef" for c in d) for d in digests):
+        raise DamagedSidecar("it holds no complete sha256 digest: truncated or overwritten")
+    return digests
 
 
-def write_checkpoint(checkpoint: dict, path: Path) -> None:
+def state_digests(ckpt_dir: Path) -> dict[str, str]:
+    """The checkpoint digests ``ckpt_dir/state.json`` records, by file name: a second record beside each
+    sidecar, so a damaged sidecar does not make its intact checkpoint unusable."""
+    try:
+        digests = json.loads((ckpt_dir / STATE_FILE).read_text()).get("digests", {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return {k: v for k, v in digests.items() if isinstance(v, str)} if isinstance(digests, dict) else {}
+
+
+def state_digest(ckpt: Path) -> str | None:
+    return state_digests(ckpt.parent).get(ckpt.name)
+
+
+def write_checkpoint(checkpoint: dict, path: Path) -> str:
     """Write ``checkpoint`` atomically and durably with its digest.
 
     Order: data to a temporary file (fsync) -> sidecar lists the new digest and the old one -> rename ->
     sidecar lists the new digest only. A kill at any point leaves ``path`` (old or new) matching a digest
     in its sidecar, so a crash never makes a good checkpoint look damaged.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_name(path)
-    with open(tmp, "wb") as f:
-        writer = _HashingWriter(f)
-        torch.save(checkpoint, writer)
-        f.flush()
-        os.fsync(f.fileno())
-    digest = writer.sha.hexdigest()
-    old = (recorded_digests(path) or [])[:1] if path.exists() else []
-    _write_digests(path, [digest, *old])
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-    _write_digests(path, [digest])
+    writer = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            writer = _HashingWriter(f)
+            torch.save(checkpoint, writer)
+            f.flush()
+            os.fsync(f.fileno())
+        digest = writer.sha.hexdigest()
+        old = (recorded_digests(path) or [])[:1] if path.exists() else []
+        _write_digests(path, [digest, *old])
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+        _write_digests(path, [digest])
+    except Exception as e:
+        cause = writer.error if writer is not None and writer.error is not None else e
+        if not isinstance(cause, OSError):
+            raise
+        tmp.unlink(missing_ok=True)  # the partial file; the checkpoints on disk stay as they were
+        run_dir = path.parent.parent
+        raise CheckpointError(
+            f"Writing checkpoint {str(path)!r} failed ({cause.strerror or cause}); the checkpoints already "
+            f"written are intact: free space (or fix the folder) and continue with resume={str(run_dir)!r}."
+        ) from e
+    return digest
 
 
 def file_sha256(path: Path) -> str:
@@ -138,8 +187,27 @@ def file_sha256(path: Path) -> str:
 
 
 def verify_checkpoint(ckpt: Path) -> None:
-    """Raise one sentence if ``ckpt`` does not match the digest recorded when it was written."""
-    expected = recorded_digests(ckpt)
+    """Raise one sentence if ``ckpt`` matches no digest recorded when it was written (its sidecar's, or
+    state.json's when the sidecar is damaged or disagrees); name the sidecar when it is the damaged file."""
+    side = digest_path(ckpt).name
+    try:
+        expected = recorded_digests(ckpt)
+    except DamagedSidecar as e:
+        second = state_digest(ckpt)
+        if second is None:
+            raise CheckpointError(
+                f"The digest file {str(digest_path(ckpt))!r} is damaged ({e}) and no other record of "
+                f"{ckpt.name}'s digest exists, so the checkpoint (not known to be damaged) cannot be "
+                f"verified; restore {side}, or delete it to resume from {ckpt.name} unverified."
+            ) from None
+        if file_sha256(ckpt) != second:
+            _refuse_damaged(ckpt, f"{STATE_FILE}; its {side} is damaged too")
+        print(
+            f"warning: {side} is damaged ({e}); {ckpt.name} matches the digest {STATE_FILE} recorded "
+            "for it and is used.",
+            file=sys.stderr,
+        )
+        return
     if expected is None:
         print(
             f"warning: {ckpt.name} has no {DIGEST_SUFFIX} digest (written by an older cl_vla); "
@@ -147,13 +215,26 @@ def verify_checkpoint(ckpt: Path) -> None:
             file=sys.stderr,
         )
         return
-    if file_sha256(ckpt) not in expected:
-        others = sorted(p.name for p in ckpt.parent.glob("*.ckpt") if p != ckpt)
-        hint = f"; resume from an earlier one ({', '.join(others)})" if others else ""
-        raise CheckpointError(
-            f"Checkpoint {str(ckpt)!r} does not match the sha256 digest recorded when it was written "
-            f"({digest_path(ckpt).name}): it was damaged or altered since{hint}."
+    actual = file_sha256(ckpt)
+    if actual in expected:
+        return
+    if actual == state_digest(ckpt):
+        print(
+            f"warning: {side} does not hold the digest of {ckpt.name}, but {STATE_FILE} does: the "
+            "digest file was altered, not the checkpoint, which is used.",
+            file=sys.stderr,
         )
+        return
+    _refuse_damaged(ckpt, side)
+
+
+def _refuse_damaged(ckpt: Path, record: str) -> None:
+    others = sorted(p.name for p in ckpt.parent.glob("*.ckpt") if p != ckpt)
+    hint = f"; resume from an earlier one ({', '.join(others)})" if others else ""
+    raise CheckpointError(
+        f"Checkpoint {str(ckpt)!r} does not match the sha256 digest recorded when it was written "
+        f"({record}): it was damaged or altered since{hint}."
+    )
 
 
 def read_checkpoint(ckpt: Path) -> dict:
@@ -182,12 +263,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def __init__(self) -> None:
         super().__init__()
         self._handed: dict[str, dict] = {}
+        #: sha256 of each checkpoint this process wrote, by file name (recorded in state.json too).
+        self.digests: dict[str, str] = {}
 
     def hand_over(self, path: Path, payload: dict) -> None:
         self._handed[str(Path(path).resolve())] = payload
 
     def save_checkpoint(self, checkpoint: dict, path: Any, storage_options: Any = None) -> None:
-        write_checkpoint(checkpoint, Path(path))
+        self.digests[Path(path).name] = write_checkpoint(checkpoint, Path(path))
 
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict:
         payload = self._handed.pop(str(Path(path).resolve()), None)

@@ -20,6 +20,7 @@ from cl_vla.data.datamodule import ContinualDataModule
 from cl_vla.data.stats import NormalizationChoice, flatten_stats, select_stats, unflatten_stats
 from cl_vla.data.streams import ContinualData
 from cl_vla.evaluation.heldout import evaluate_heldout
+from cl_vla.tracking.log_continuity import LOG_MARKS_KEY, log_marks
 from cl_vla.tracking.loggers import TaskProgressBar, build_loggers
 from cl_vla.training.checkpointing import (
     STATE_FILE,
@@ -28,10 +29,11 @@ from cl_vla.training.checkpointing import (
     atomic_write_json,
     rng_state,
     set_rng_state,
+    state_digests,
 )
 from cl_vla.training.fsdp import reshard
 from cl_vla.training.module import CLPolicyModule
-from cl_vla.training.run_dir import RunHandle
+from cl_vla.training.run_dir import RunHandle, record_dataset
 from cl_vla.training.trainer import build_trainer
 
 log = logging.getLogger(__name__)
@@ -48,6 +50,8 @@ class ContinualRun:
         self.T = data.num_tasks
         self.run_dir = handle.run_dir
         point = handle.resume
+        if handle.lock is not None and (point is None or point.ckpt is None):
+            record_dataset(self.run_dir, cfg)  # what a resume's data.root must still hold
         self.resume_ckpt: Path | None = point.ckpt if point else None
         self.resume_payload: dict | None = point.payload if point else None
         if point is not None and point.state is not None:
@@ -94,7 +98,7 @@ class ContinualRun:
             seed=int(cfg.seed),
             steps_per_task=self.S,
         )
-        self.loggers = build_loggers(cfg, self.run_dir, self.run_dir.name)
+        self.loggers = build_loggers(cfg, self.run_dir, self.run_dir.name, handle.logs)
         self.progress = TaskProgressBar(self.T, data.task_names) if t.progress_bar else None
         self.ckpt_io = AtomicCheckpointIO()
         self.trainer = build_trainer(
@@ -131,6 +135,8 @@ class ContinualRun:
             "algorithm": self.algorithm.state_dict(),
             "normalization": flatten_stats(self.stats or {}),
             "rng": rng_state(),
+            # The CSV rows on disk now (flushed first): a resume from this checkpoint keeps exactly them.
+            LOG_MARKS_KEY: json.dumps(log_marks(self.loggers)),
         }
 
     def _load_extra(self, ckpt: dict) -> None:
@@ -148,7 +154,10 @@ class ContinualRun:
         self.state.checkpoint = name
         self.trainer.save_checkpoint(path, weights_only=False)
         if self.trainer.is_global_zero:
-            atomic_write_json(self.ckpt_dir / STATE_FILE, {"checkpoint": name, **self.state.to_json()})
+            digests = {**state_digests(self.ckpt_dir), **self.ckpt_io.digests}
+            atomic_write_json(
+                self.ckpt_dir / STATE_FILE, {"checkpoint": name, **self.state.to_json(), "digests": digests}
+            )
 
     def _after_step(self, task: int, step: int) -> None:
         self.state.task, self.state.step_in_task = task, step

@@ -1,6 +1,7 @@
 """A run directory: claimed by one process at a time, and resolved from ``resume=``.
 
-A run directory holds ``run.json`` (the configuration fingerprint, written before any work),
+A run directory holds ``run.json`` (the configuration fingerprint, written before any work; the run's
+W&B id, kept across resumes; the digest of its dataset's ``meta/``, which a resume's data.root must match),
 ``config.resolved.yaml``, ``checkpoints/`` (``state.json`` pointing at the newest complete checkpoint)
 and the results. While a process writes it, it holds an exclusive ``flock`` on ``<run>/.lock``; the
 kernel drops the lock when the process dies (even by SIGKILL), so a stale lock never blocks a resume.
@@ -11,14 +12,18 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from cl_vla.config.fingerprint import check_resume_config, config_fingerprint
+from cl_vla.data.identity import dataset_identity
+from cl_vla.tracking.log_continuity import LogContinuation, new_wandb_id
 from cl_vla.training.checkpointing import (
     STATE_FILE,
     CheckpointError,
@@ -153,6 +158,21 @@ def refuse_existing_run(run_dir: Path) -> None:
         )
 
 
+class RunDirGuard(Callback):
+    """Hydra callback: refuse a new run into a folder that already holds one *before* Hydra writes that
+    folder's ``.hydra/`` record (``on_run_start`` runs first), so a refused command writes nothing:
+    a finished run's folder keeps recording its own configuration."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if config.get("resume") or config.get("dry_run") or not is_first_process():
+            return
+        try:
+            refuse_existing_run(Path(str(config.hydra.run.dir)))
+        except CheckpointError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+
+
 def _rerun_sweep_job(cfg: DictConfig, run_dir: Path) -> bool:
     """A Hydra multirun job whose folder already holds a run (of this sweep: its folder name is its
     swept values, and SweepGuard refused any other sweep in the directory)."""
@@ -176,6 +196,12 @@ class RunHandle:
     fingerprint: dict[str, Any]
     resume: ResumePoint | None
     lock: RunLock | None
+    wandb_id: str | None = None  # the run's W&B id (run.json), the same across every resume
+
+    @property
+    def logs(self) -> LogContinuation:
+        """Where this process's logs continue the run's (the checkpoint's step and CSV rows, its W&B id)."""
+        return LogContinuation.from_checkpoint(self.resume.payload if self.resume else None, self.wandb_id)
 
     def close(self) -> None:
         if self.lock is not None:
@@ -190,6 +216,8 @@ def open_run(cfg: DictConfig, claim: bool = True) -> RunHandle:
     point = resolve_resume(cfg.resume) if cfg.resume else None
     if point is not None and point.fingerprint is not None:
         check_resume_config(point.fingerprint, cfg, cfg.resume)
+    if point is not None:
+        check_resume_dataset(point.run_dir, cfg)
     if not claim:
         return RunHandle(
             run_dir=point.run_dir if point else Path("."), fingerprint=fingerprint, resume=point, lock=None
@@ -203,17 +231,86 @@ def open_run(cfg: DictConfig, claim: bool = True) -> RunHandle:
             check_resume_config(point.fingerprint, cfg, run_dir)
     if point is None and is_first_process():
         refuse_existing_run(run_dir)
-    lock = RunLock(run_dir).acquire() if is_first_process() else None
+    try:
+        lock = RunLock(run_dir).acquire() if is_first_process() else None
+    except OSError as e:
+        raise _unwritable(run_dir, e, resumed=point is not None) from None
+    wandb_id = _recorded_wandb_id(run_dir) if point is not None else None
     try:
         if lock is not None:
-            for folder in (run_dir, run_dir / "checkpoints"):
+            for folder in (run_dir, run_dir / "checkpoints", run_dir / "logs"):
                 remove_stale_temporaries(folder)
             if point is None or point.ckpt is None:
-                atomic_write_json(run_dir / RUN_FILE, {"fingerprint": fingerprint})
+                # A run (re)started from the beginning keeps its W&B id, so W&B shows one run.
+                wandb_id = wandb_id or new_wandb_id()
+                atomic_write_json(run_dir / RUN_FILE, {"fingerprint": fingerprint, "wandb_id": wandb_id})
                 text = OmegaConf.to_yaml(cfg, resolve=True)
                 atomic_write_bytes(run_dir / "config.resolved.yaml", text.encode())
-    except BaseException:
+            elif wandb_id is None:
+                # A run from before W&B ids were recorded: from now on its resumes continue one W&B run.
+                wandb_id = new_wandb_id()
+                record = _run_record(run_dir)
+                atomic_write_json(run_dir / RUN_FILE, {**record, "wandb_id": wandb_id})
+    except BaseException as e:
         if lock is not None:
             lock.release()
+        if isinstance(e, OSError):
+            raise _unwritable(run_dir, e, resumed=point is not None) from None
         raise
-    return RunHandle(run_dir=run_dir, fingerprint=fingerprint, resume=point, lock=lock)
+    return RunHandle(run_dir=run_dir, fingerprint=fingerprint, resume=point, lock=lock, wandb_id=wandb_id)
+
+
+def _unwritable(run_dir: Path, e: OSError, resumed: bool) -> CheckpointError:
+    """A run directory this process cannot write (read-only, full, another user's): one sentence."""
+    instead = "resume a writable copy of it" if resumed else "choose another folder (hydra.run.dir=<dir>)"
+    return CheckpointError(
+        f"Run directory {str(run_dir)!r} cannot be written ({e.strerror or e}); "
+        f"make it writable or {instead}."
+    )
+
+
+def _dataset_root(cfg: DictConfig) -> Path | None:
+    """The one local dataset folder of the run (None: a hub dataset, or one folder per task)."""
+    from cl_vla.data.cross_sequence import is_cross_dataset
+
+    if cfg.data.root is None or is_cross_dataset(cfg.task_sequence):
+        return None
+    return Path(str(cfg.data.root)).expanduser()
+
+
+def record_dataset(run_dir: Path, cfg: DictConfig) -> None:
+    """Add the identity of the run's dataset to run.json (a run that starts: its dataset now exists)."""
+    root = _dataset_root(cfg)
+    identity = dataset_identity(root) if root is not None else None
+    if identity is not None:
+        atomic_write_json(run_dir / RUN_FILE, {**_run_record(run_dir), "dataset": identity})
+
+
+def check_resume_dataset(run_dir: Path, cfg: DictConfig) -> None:
+    """data.root may move on resume, but only to a copy of the run's dataset: another dataset there is
+    refused before anything reads or (data=synthetic) rewrites it. A folder without a dataset is left
+    to the data step (a synthetic dataset is written there again, the same)."""
+    recorded = _run_record(run_dir).get("dataset")
+    root = _dataset_root(cfg)
+    if not isinstance(recorded, str) or root is None:
+        return
+    found = dataset_identity(root)
+    if found is not None and found != recorded:
+        raise CheckpointError(
+            f"data.root={str(root)!r} holds another dataset than the one run {str(run_dir)!r} was trained "
+            "on (its meta/ differs); a resume may move data.root only to a copy of that dataset, or, with "
+            "data=synthetic, to an empty folder where it is written again."
+        )
+
+
+def _run_record(run_dir: Path) -> dict[str, Any]:
+    try:
+        record = json.loads((run_dir / RUN_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _recorded_wandb_id(run_dir: Path) -> str | None:
+    wid = _run_record(run_dir).get("wandb_id")
+    return wid if isinstance(wid, str) and wid else None
