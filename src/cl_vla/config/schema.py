@@ -153,6 +153,7 @@ class EvalConfig:
     type: str = "heldout"  # heldout (action loss on held-out episodes) | sim (closed-loop success)
     max_batches: int | None = None  # per task; None: every held-out frame
     within_task_evals: int = 0  # extra evaluations of the current task during its training (LIBERO FWT)
+    keep_best_within_task: bool = False  # LIBERO's protocol: end each task with its best within-task weights
     evaluate_unseen: bool = True  # also evaluate tasks not trained yet (forward transfer)
     cache_baseline: bool = True  # eval=sim: the untrained row from cl_vla.evaluation.baseline_cache
     env: str | None = None  # sim: metaworld | libero; None: from task_sequence.suite
