@@ -68,12 +68,17 @@ def feature_space(
             space[key] = {**feat, "shape": (*size, 3), "names": ["height", "width", "channels"]}
         else:
             space[key] = feat
+    # Windows are always cut in each dataset's own frames (its timestamps at its own fps label), so two
+    # datasets whose frames are the same control steps align whatever fps they are labelled with.
+    fps0 = specs[0].frame_rate(metas[0].fps)
     for meta, spec in zip(metas, specs, strict=True):
-        if fps_rule == "same" and meta.fps != metas[0].fps:
+        if fps_rule == "same" and spec.frame_rate(meta.fps) != fps0:
             raise DataError(
-                f"Dataset {spec.name!r} ({spec.repo_id}) records at {meta.fps} fps but {specs[0].name!r} at "
-                f"{metas[0].fps} fps; set task_sequence.fps_rule=own_frames (windows of the same number of "
-                "frames, each at its dataset's rate) or use datasets of one fps."
+                f"Dataset {spec.name!r} ({spec.repo_id}) records at {spec.frame_rate(meta.fps):g} fps but "
+                f"{specs[0].name!r} at {fps0:g} fps; if their frames are the same control steps labelled "
+                f"differently (LIBERO's sets: 10 or 20), declare the true rate with "
+                f"task_sequence.datasets.<name>.fps, else set task_sequence.fps_rule=own_frames (windows of "
+                "the same number of frames, each at its dataset's rate) or use datasets of one fps."
             )
         feats = renamed_features(meta, spec)
         for key, want in space.items():
