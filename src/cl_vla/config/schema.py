@@ -32,7 +32,7 @@ class TaskSequenceConfig:
     env_tasks: list[str] | None = None  # the simulator's task names, paired with `tasks`
     aliases: list[str] = field(default_factory=list)
     description: str = ""
-    # Cross-dataset sequences: the datasets the tasks name, name -> {repo_id, root, rename, synthetic}
+    # Cross-dataset sequences: the datasets the tasks name, name -> {repo_id, root, rename, synthetic, fps}
     # (checked in cl_vla.data.multi_source, so `+task_sequence.datasets.x={...}` works on the command
     # line). Empty: every task comes from data.*.
     datasets: dict[str, Any] = field(default_factory=dict)
