@@ -48,7 +48,7 @@ class SyntheticDataConfig:
     fps: int = 10
     seed: int = 0
     use_videos: bool = False
-    schema: str = "lerobot"  # the LIBERO dataset schema of its feature keys (cl_vla.envs.libero_schema)
+    schema: str = "ipec"  # the LIBERO dataset schema of its feature keys (cl_vla.envs.libero_schema)
 
 
 @dataclass

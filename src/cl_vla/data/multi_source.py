@@ -34,7 +34,13 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from cl_vla.data.alignment import INDEX_KEYS, AlignedSource, feature_space, is_visual
+from cl_vla.data.alignment import (
+    INDEX_KEYS,
+    AlignedSource,
+    feature_space,
+    is_visual,
+    recorded_camera_size,
+)
 from cl_vla.data.cross_sequence import CrossSequence, SourceSpec, is_cross_dataset, parse_cross_sequence
 from cl_vla.data.streams import ContinualData, UnconvertedDatasetError, open_dataset
 from cl_vla.data.task_sequences import TaskSequence, TaskStream, build_episode_task_map
@@ -68,6 +74,8 @@ class CombinedMeta:
         index_feats = {k: v for k, v in metas[0].features.items() if k in INDEX_KEYS}
         self.features = {**space, **index_feats}
         self.camera_keys = [k for k, f in space.items() if is_visual(f)]
+        # What LIBERO renders at evaluation: the size the policy's cameras were recorded at.
+        self.recorded_camera_size = recorded_camera_size(metas, specs)
         self.stats = aggregate_stats([self._renamed(m.stats, s) for m, s in zip(metas, specs, strict=True)])
 
     def _renamed(self, stats: Mapping[str, Mapping[str, Any]], spec: SourceSpec) -> dict:
