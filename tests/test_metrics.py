@@ -457,3 +457,19 @@ def test_the_two_libero_conventions_differ_only_when_a_curve_peaks_early() -> No
     m = compute_metrics(np.array([[0.2, 0.0], [0.7, 0.9]]), within_task=early)
     assert m["libero_fwt_code"] == pytest.approx(((0.0 + 1.0 * 3) / 4 + 1.6 / 3) / 2)
     assert m["libero_fwt"] == pytest.approx((1.4 / 4 + 1.6 / 3) / 2)
+
+
+def test_libero_nbt_code_is_in_the_terminal_table_and_the_sweep_direction() -> None:
+    from io import StringIO
+
+    from rich.console import Console
+
+    from cl_vla.results.run_files import METRIC_LABELS, format_metrics_table
+    from cl_vla.results.sweep_report import _direction
+
+    assert set(METRIC_LABELS) == set(SCALAR_METRICS)
+    console = Console(file=StringIO(), width=200)
+    console.print(format_metrics_table(compute_metrics(R3, within_task=WITHIN3)))
+    row = next(ln for ln in console.file.getvalue().splitlines() if "LIBERO NBT (code)" in ln)
+    assert "+0.150" in row  # 0.45 / 3, as worked out above
+    assert _direction("libero_nbt_code", True) == "↓"  # lost performance: lower is better
