@@ -121,3 +121,17 @@ def test_schema_fields_are_all_in_the_fingerprint_or_allowed():
     open_groups = {"algorithm", "model"}  # open mappings: their keys come from each choice's YAML
     for name in set(walk(Config)) - open_groups:
         assert name in keys or any(k.startswith(name + ".") for k in keys), name
+
+
+def test_a_synthetic_run_made_before_the_schema_rename_still_resumes():
+    from cl_vla.config.fingerprint import check_resume_config
+
+    cfg = _compose("algorithm=er")
+    now = config_fingerprint(cfg)
+    assert now["data.synthetic.schema"] == "ipec" and "eval.keep_best_within_task" in now
+    # A run of an older cl_vla: no keep_best key, and the same synthetic keys under their old name.
+    old = {k: v for k, v in now.items() if k != "eval.keep_best_within_task"}
+    check_resume_config({**old, "data.synthetic.schema": "lerobot"}, cfg, "run")
+    # Today "lerobot" is lerobot/libero's schema (image2): a run made with it is another dataset.
+    with pytest.raises(ResumeMismatch, match=r"data\.synthetic\.schema=lerobot"):
+        check_resume_config({**now, "data.synthetic.schema": "lerobot"}, cfg, "run")
