@@ -250,3 +250,31 @@ def test_cameras_read_resized_are_rendered_at_their_recorded_size_and_resized_as
     rendered = torch.from_numpy(obs["pixels"][AGENTVIEW][:, ::-1, ::-1].copy()).permute(0, 3, 1, 2) / 255.0
     assert tuple(batch["observation.images.image"].shape) == (1, 3, 32, 32)
     torch.testing.assert_close(batch["observation.images.image"], resize_image(rendered, (32, 32)))
+
+
+def test_a_saved_vla_of_another_libero_schema_than_the_dataset_is_one_sentence() -> None:
+    from types import SimpleNamespace
+
+    from lerobot.configs.types import FeatureType, PolicyFeature
+
+    from cl_vla.policies.vla_checks import check_vla_features
+
+    img = PolicyFeature(FeatureType.VISUAL, (3, 256, 256))
+    state = PolicyFeature(FeatureType.STATE, (8,))
+    # e.g. a SmolVLA fine-tuned on lerobot/libero (image + image2), then trained on lerobot/libero_10_image.
+    saved = SimpleNamespace(
+        type="smolvla",
+        input_features={
+            "observation.images.image": img,
+            "observation.images.image2": img,
+            "observation.state": state,
+        },
+        max_state_dim=32,
+        max_action_dim=32,
+    )
+    data = _policy_inputs(LIBERO_10_IMAGE_FEATURES)
+    with pytest.raises(DataError) as info:
+        check_vla_features(saved, data, "lerobot/libero_10_image", saved=True)
+    msg = str(info.value)
+    assert "\n" not in msg and "lacks camera 'observation.images.image2'" in msg
+    assert "schema 'lerobot''s, the dataset's 'lerobot_image''s" in msg

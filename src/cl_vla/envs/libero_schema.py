@@ -132,6 +132,11 @@ SCHEMAS: dict[str, LiberoSchema] = {
 }
 
 
+def schemas_with_cameras(keys) -> list[str]:
+    """Names of the schemas whose cameras are exactly ``keys`` (for messages about a mismatch)."""
+    return [s.name for s in SCHEMAS.values() if set(s.camera_keys) == set(keys)]
+
+
 def get_schema(name: str) -> LiberoSchema:
     if name not in SCHEMAS:
         raise ConfigError(f"eval.libero_schema={name!r} is unknown; choose 'auto' or {one_of(SCHEMAS)}.")
