@@ -209,6 +209,39 @@ def test_misaligned_pairs_are_refused_in_one_sentence(other, fragment: str) -> N
     assert "'b'" in msg and "me/b" in msg and "\n" not in msg
 
 
+def test_libero_sets_labelled_10_and_20_fps_align_once_the_true_rate_is_declared() -> None:
+    from cl_vla.data.alignment import feature_space
+    from cl_vla.data.cross_sequence import SourceSpec, parse_cross_sequence
+    from cl_vla.errors import ConfigError, DataError
+
+    # lerobot/libero labels LIBERO's 20 Hz control steps 10 fps; lerobot/libero_*_image labels them 20.
+    hub, image_set = _meta(fps=10), _meta(fps=20)
+    plain = [SourceSpec("hub", "lerobot/libero"), SourceSpec("img", "lerobot/libero_10_image")]
+    with pytest.raises(DataError, match=r"task_sequence\.datasets\.<name>\.fps") as info:
+        feature_space([hub, image_set], plain, None, "same")
+    assert "\n" not in str(info.value) and "at 10 fps" in str(info.value)
+    node = {
+        "name": "two_labels",
+        "datasets": {
+            "hub": {"repo_id": "lerobot/libero", "fps": 20},
+            "img": {"repo_id": "lerobot/libero_10_image"},
+        },
+        "tasks": [{"dataset": "hub"}, {"dataset": "img"}],
+    }
+    seq = parse_cross_sequence(node)
+    assert [s.fps for s in seq.sources] == [20.0, None]
+    space = feature_space([hub, image_set], list(seq.sources), None, "same")
+    assert set(space) == {"observation.images.image", "observation.state", "action"}
+    # A declaration that still disagrees is refused as before, with both rates named.
+    wrong = [SourceSpec("hub", "lerobot/libero", fps=15.0), plain[1]]
+    with pytest.raises(DataError, match=r"records at 20 fps but 'hub' at 15 fps"):
+        feature_space([hub, image_set], wrong, None, "same")
+    for bad in (0, -5, "fast", True):
+        node["datasets"]["hub"]["fps"] = bad
+        with pytest.raises(ConfigError, match=r"task_sequence\.datasets\.hub\.fps=.* is not allowed"):
+            parse_cross_sequence(node)
+
+
 def test_a_rename_and_a_chosen_image_size_align_the_pair() -> None:
     from cl_vla.data.alignment import feature_space
     from cl_vla.data.cross_sequence import SourceSpec

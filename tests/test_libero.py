@@ -150,9 +150,9 @@ def test_init_states_and_schemas_are_checked_in_one_sentence():
     img = PolicyFeature(FeatureType.VISUAL, (3, 32, 32))
     state = PolicyFeature(FeatureType.STATE, (8,))
     ok = {"observation.images.image": img, "observation.images.image2": img, "observation.state": state}
-    assert schema_for_policy("auto", ok, (7,)).name == "huggingfacevla"
-    with pytest.raises(ConfigError, match=r"'observation\.images\.image2'.*'lerobot'"):
-        schema_for_policy("lerobot", ok, (7,))
+    assert schema_for_policy("auto", ok, (7,)).name == "lerobot"  # lerobot/libero: image + image2
+    with pytest.raises(ConfigError, match=r"'observation\.images\.image2'.*'ipec'"):
+        schema_for_policy("ipec", ok, (7,))
     with pytest.raises(ConfigError, match=r"shape \(6,\)"):
         schema_for_policy("auto", {**ok, "observation.state": PolicyFeature(FeatureType.STATE, (6,))}, (7,))
     with pytest.raises(ConfigError, match=r"actions of shape \(4,\)"):
@@ -294,7 +294,7 @@ def _dataset_item(tmp_path: Path, schema: str) -> dict:
 @pytest.mark.parametrize("schema", sorted(SCHEMAS))
 def test_a_libero_observation_has_the_features_of_each_dataset_schema(libero_run, schema, tmp_path):
     first = libero_run["captured"][0]
-    assert first["schema"] == "lerobot"  # the run trained on the default synthetic (lerobot) schema
+    assert first["schema"] == "ipec"  # the run trained on the default synthetic schema's keys
     batch = to_policy_batch(first["obs"], SCHEMAS[schema])
     item = _dataset_item(tmp_path, schema)
 
@@ -402,7 +402,7 @@ def test_libero_episodes_run_in_chunks_from_their_init_states(monkeypatch):
         libero_schema="auto",
     )
     ev = le.LiberoEvaluator("libero_spatial", None, ["a", "b"], policy_cfg, eval_cfg)
-    assert ev.max_steps == 6 and ev.schema.name == "lerobot"  # wrist-less lerobot keys: the first match
+    assert ev.max_steps == 6 and ev.schema.name == "lerobot"  # the agent view alone: the first match
     monkeypatch.setattr(ev, "_make_workers", lambda: le.SimWorkers(_FakeHandler, 0))
     seen = []
 

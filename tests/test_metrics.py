@@ -305,16 +305,67 @@ def _libero_learn_one_task(successes: list[float]) -> float:
     return out.sum() / cumulated_counter
 
 
-def _libero_metrics(S_conf_mat: np.ndarray, S_fwd: np.ndarray) -> tuple[float, float, float]:
-    """FWT, NBT, AUC from LIBERO's result summary (``S_conf_mat``, ``S_fwd``), the paper's Sec. 5 sums.
+def _libero_compute_metric(res):
+    """LIBERO's ``compute_metric``, verbatim (``notebooks/quick_guide_algo.ipynb``, Sec. 5.2, cell 13).
 
-    In LIBERO's ``main.py`` row ``i`` of ``S_conf_mat`` is evaluated after ``learn_one_task`` reloaded the
-    best checkpoint of task ``i``, so its diagonal holds each task's best point.
+    ``res = (mat, fwts)``: ``mat`` the success confusion matrix ``S_conf_mat`` with a seed axis,
+    ``(num_tasks, num_tasks, num_seeds)``; ``fwts`` ``(num_tasks, num_save_intervals, num_seeds)``, each
+    curve held at its best point by the notebook's ``get_auc``. Only the loops' formatting is ours.
     """
-    K = len(S_fwd)
-    nbt = [np.mean([S_conf_mat[k, k] - S_conf_mat[t, k] for t in range(k + 1, K)]) for k in range(K - 1)]
-    auc = [(S_fwd[k] + sum(S_conf_mat[t, k] for t in range(k + 1, K))) / (K - k) for k in range(K)]
-    return float(np.mean(S_fwd)), float(np.mean(nbt)), float(np.mean(auc))
+    mat, fwts = res  # fwds: (num_tasks, num_save_intervals, num_seeds)
+    num_tasks, num_seeds = mat.shape[1:]
+    ret = {}
+
+    # compute fwt
+    fwt = fwts.mean(axis=(0, 1))
+    ret["fwt"] = fwt
+    # compute bwt
+    bwts = []
+    aucs = []
+    for seed in range(num_seeds):
+        bwt = 0.0
+        auc = 0.0
+        for k in range(num_tasks):
+            bwt_k = 0.0
+            auc_k = 0.0
+            for tau in range(k + 1, num_tasks):
+                bwt_k += mat[k, k, seed] - mat[tau, k, seed]
+                auc_k += mat[tau, k, seed]
+            if k + 1 < num_tasks:
+                bwt_k /= num_tasks - k - 1
+            auc_k = (auc_k + fwts[k, :, seed].mean()) / (num_tasks - k)
+
+            bwt += bwt_k
+            auc += auc_k
+        bwts.append(bwt / num_tasks)
+        aucs.append(auc / num_tasks)
+    bwts = np.array(bwts)
+    aucs = np.array(aucs)
+    ret["bwt"] = bwts
+    ret["auc"] = aucs
+    return ret
+
+
+def _libero_get_auc(curves: list[list[float]]) -> np.ndarray:
+    """The notebook's ``get_auc`` for one seed: each task's curve held at its first best point."""
+    fwds = np.zeros((len(curves), len(curves[0]), 1))
+    for task, curve in enumerate(curves):
+        succ = np.array(curve)
+        idx = succ.argmax()
+        succ[idx:] = succ[idx]
+        fwds[task, :, 0] = succ
+    return fwds
+
+
+def _paper_metrics(R: np.ndarray, curves: list[list[float]]) -> tuple[float, float, float]:
+    """FWT, NBT, AUC as LIBERO's paper writes them (Sec. 5), 0-based, over the ``K`` learned tasks:
+    ``c_kk`` the best point of task ``k``'s curve, NBT averaged over the ``K - 1`` tasks that have one."""
+    K = len(curves)
+    best = [max(c) for c in curves]
+    fwt_k = [float(np.mean(c)) for c in curves]
+    nbt = [np.mean([best[k] - R[t, k] for t in range(k + 1, K)]) for k in range(K - 1)]
+    auc = [(fwt_k[k] + sum(R[t, k] for t in range(k + 1, K))) / (K - k) for k in range(K)]
+    return float(np.mean(fwt_k)), float(np.mean(nbt)), float(np.mean(auc))
 
 
 def _random_run(rng: np.random.Generator, T: int, points: int, n_eval: int = 10):
@@ -335,15 +386,58 @@ def test_libero_code_convention_equals_libero_code_on_random_runs(seed: int) -> 
     R, within = _random_run(rng, T, points=int(rng.integers(2, 12)))
     m = compute_metrics(R, within_task=within)
 
+    # LIBERO's S_fwd is learn_one_task's return value and the mean of get_auc's held curve.
     S_fwd = np.array([_libero_learn_one_task(curve) for curve in within])
-    S_conf_mat = R.copy()
-    np.fill_diagonal(S_conf_mat, [max(curve) for curve in within])
-    fwt, nbt, auc = _libero_metrics(S_conf_mat, S_fwd)
-    assert m["libero_fwt_code"] == pytest.approx(fwt, abs=1e-12)
-    assert m["libero_auc_code"] == pytest.approx(auc, abs=1e-12)
+    fwts = _libero_get_auc(within)
+    assert fwts.mean(axis=1)[:, 0] == pytest.approx(S_fwd, abs=1e-12)
+    # R's diagonal is the success matrix's diagonal: the evaluation at the task's end.
+    ret = _libero_compute_metric((R[..., np.newaxis], fwts))
+    assert m["libero_fwt_code"] == pytest.approx(ret["fwt"][0], abs=1e-12)
+    assert m["libero_nbt_code"] == pytest.approx(ret["bwt"][0], abs=1e-12)
+    assert m["libero_auc_code"] == pytest.approx(ret["auc"][0], abs=1e-12)
+    # The paper's formulas: the curve as recorded, c_kk its best point, NBT over K - 1 tasks.
+    fwt, nbt, auc = _paper_metrics(R, within)
+    assert m["libero_fwt"] == pytest.approx(fwt, abs=1e-12)
     assert m["libero_nbt"] == pytest.approx(nbt, abs=1e-12)
-    # The paper-formula values average the curve as recorded.
-    assert m["libero_fwt"] == pytest.approx(np.mean([np.mean(c) for c in within]), abs=1e-12)
+    assert m["libero_auc"] == pytest.approx(auc, abs=1e-12)
+
+
+@pytest.mark.parametrize("K", [2, 3, 5])
+def test_libero_nbt_code_of_a_partial_run_is_compute_metric_on_the_learned_prefix(K: int) -> None:
+    rng = np.random.default_rng(K)
+    T = 6
+    R, within = _random_run(rng, T, points=4)
+    R[K:] = np.nan
+    m = compute_metrics(R, within_task=within[:K] + [None] * (T - K))
+    ret = _libero_compute_metric((R[:K, :K, np.newaxis], _libero_get_auc(within[:K])))
+    assert m["libero_nbt_code"] == pytest.approx(ret["bwt"][0], abs=1e-12)
+    assert m["libero_auc_code"] == pytest.approx(ret["auc"][0], abs=1e-12)
+
+
+def test_libero_nbt_code_by_hand_and_for_losses() -> None:
+    m = compute_metrics(R3, within_task=WITHIN3)
+    # Diagonal 0.8, 0.9: NBT_0 = ((0.8-0.6) + (0.8-0.5)) / 2 = 0.25, NBT_1 = 0.2, NBT_2 = 0; / 3 tasks.
+    assert m["libero_nbt_code"] == approx(0.45 / 3)
+    assert m["libero_nbt"] == approx(0.275)  # the paper's: best points 0.9, 0.9, over 2 tasks
+    # Losses are negated like every other metric: losing ground is positive.
+    lm = compute_metrics(LOSS3, higher_is_better=False)
+    assert lm["libero_nbt_code"] == approx(((0.3 + 0.4) / 2 + 0.2 + 0.0) / 3)
+    # One task learned: nothing can have been forgotten; undefined, as the paper's NBT.
+    one = compute_metrics([[0.5, np.nan], [np.nan, np.nan]])
+    assert one["libero_nbt_code"] is None and one["libero_nbt"] is None
+
+
+def test_the_paper_and_code_nbt_differ_on_almost_every_random_run() -> None:
+    rng = np.random.default_rng(0)
+    gaps = []
+    for _ in range(300):
+        R, within = _random_run(rng, 5, points=6)
+        m = compute_metrics(R, within_task=within)
+        gaps.append(abs(m["libero_nbt_code"] - m["libero_nbt"]))
+    assert sum(g > 1e-12 for g in gaps) >= 295 and max(gaps) > 0.1
+    # Without within-task curves c_kk is the diagonal in both: only the 1/K against 1/(K-1) remains.
+    m = compute_metrics(R3)
+    assert m["libero_nbt_code"] == approx(m["libero_nbt"] * 2 / 3)
 
 
 def test_the_two_libero_conventions_differ_only_when_a_curve_peaks_early() -> None:
@@ -363,3 +457,19 @@ def test_the_two_libero_conventions_differ_only_when_a_curve_peaks_early() -> No
     m = compute_metrics(np.array([[0.2, 0.0], [0.7, 0.9]]), within_task=early)
     assert m["libero_fwt_code"] == pytest.approx(((0.0 + 1.0 * 3) / 4 + 1.6 / 3) / 2)
     assert m["libero_fwt"] == pytest.approx((1.4 / 4 + 1.6 / 3) / 2)
+
+
+def test_libero_nbt_code_is_in_the_terminal_table_and_the_sweep_direction() -> None:
+    from io import StringIO
+
+    from rich.console import Console
+
+    from cl_vla.results.run_files import METRIC_LABELS, format_metrics_table
+    from cl_vla.results.sweep_report import _direction
+
+    assert set(METRIC_LABELS) == set(SCALAR_METRICS)
+    console = Console(file=StringIO(), width=200)
+    console.print(format_metrics_table(compute_metrics(R3, within_task=WITHIN3)))
+    row = next(ln for ln in console.file.getvalue().splitlines() if "LIBERO NBT (code)" in ln)
+    assert "+0.150" in row  # 0.45 / 3, as worked out above
+    assert _direction("libero_nbt_code", True) == "↓"  # lost performance: lower is better

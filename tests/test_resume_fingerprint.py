@@ -137,3 +137,17 @@ def test_another_task_order_shows_where_the_orders_differ():
     assert was != now and was.startswith("...") and now.startswith("...")
     assert tasks[5][:20] in was and tasks[6][:20] in now  # each side shows its own task at that place
     assert "(they differ from character" in msg and "\n" not in msg
+
+
+def test_a_synthetic_run_made_before_the_schema_rename_still_resumes():
+    from cl_vla.config.fingerprint import check_resume_config
+
+    cfg = _compose("algorithm=er")
+    now = config_fingerprint(cfg)
+    assert now["data.synthetic.schema"] == "ipec" and "eval.keep_best_within_task" in now
+    # A run of an older cl_vla: no keep_best key, and the same synthetic keys under their old name.
+    old = {k: v for k, v in now.items() if k != "eval.keep_best_within_task"}
+    check_resume_config({**old, "data.synthetic.schema": "lerobot"}, cfg, "run")
+    # Today "lerobot" is lerobot/libero's schema (image2): a run made with it is another dataset.
+    with pytest.raises(ResumeMismatch, match=r"data\.synthetic\.schema=lerobot"):
+        check_resume_config({**now, "data.synthetic.schema": "lerobot"}, cfg, "run")

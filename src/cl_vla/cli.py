@@ -51,6 +51,14 @@ def validate_config(cfg: DictConfig) -> DictConfig:
         )
     if cfg.eval.type not in ("heldout", "sim"):
         raise ConfigError(f"eval.type={cfg.eval.type!r} is not allowed; choose {one_of(['heldout', 'sim'])}.")
+    within = cfg.eval.within_task_evals
+    if within < 0:
+        raise ConfigError(f"eval.within_task_evals={within} is not allowed; it must be an integer >= 0.")
+    if cfg.eval.get("keep_best_within_task", False) and within == 0:
+        raise ConfigError(
+            "eval.keep_best_within_task=true needs eval.within_task_evals > 0: without evaluations during "
+            "a task there is no best point to keep (LIBERO's protocol evaluates every eval_every epochs)."
+        )
     if cfg.eval.type == "sim":
         from cl_vla.evaluation.simulators import check_sim_config
 

@@ -119,6 +119,7 @@ def check_resume_config(saved: dict[str, Any], cfg: DictConfig, where: str | Pat
         pairs = {prefix.get(k, k): (saved[k], current.get(k)) for k in saved}
     else:
         now = config_fingerprint(cfg)
+        saved = _renamed_since(saved)
         pairs = {k: (v, now.get(k, "<unset>")) for k, v in saved.items()}
     for key in sorted(pairs):
         was, now_value = pairs[key]
@@ -148,3 +149,12 @@ def _show_pair(was: Any, now: Any) -> tuple[str, str, str]:
 def _window(text: str, start: int) -> str:
     end = start + _SHOWN - 6
     return ("..." if start else "") + text[start:end] + ("..." if end < len(text) else "")
+
+
+def _renamed_since(saved: dict[str, Any]) -> dict[str, Any]:
+    """A fingerprint in today's names. Before ``eval.keep_best_within_task`` existed, the synthetic
+    datasets' keys (image + wrist_image) were called schema ``lerobot``; they are ``ipec``'s now, and
+    ``lerobot`` names lerobot/libero's (image + image2)."""
+    if "eval.keep_best_within_task" not in saved and saved.get("data.synthetic.schema") == "lerobot":
+        return {**saved, "data.synthetic.schema": "ipec"}
+    return saved

@@ -32,7 +32,7 @@ class TaskSequenceConfig:
     env_tasks: list[str] | None = None  # the simulator's task names, paired with `tasks`
     aliases: list[str] = field(default_factory=list)
     description: str = ""
-    # Cross-dataset sequences: the datasets the tasks name, name -> {repo_id, root, rename, synthetic}
+    # Cross-dataset sequences: the datasets the tasks name, name -> {repo_id, root, rename, synthetic, fps}
     # (checked in cl_vla.data.multi_source, so `+task_sequence.datasets.x={...}` works on the command
     # line). Empty: every task comes from data.*.
     datasets: dict[str, Any] = field(default_factory=dict)
@@ -48,7 +48,7 @@ class SyntheticDataConfig:
     fps: int = 10
     seed: int = 0
     use_videos: bool = False
-    schema: str = "lerobot"  # the LIBERO dataset schema of its feature keys (cl_vla.envs.libero_schema)
+    schema: str = "ipec"  # the LIBERO dataset schema of its feature keys (cl_vla.envs.libero_schema)
 
 
 @dataclass
@@ -155,6 +155,7 @@ class EvalConfig:
     type: str = "heldout"  # heldout (action loss on held-out episodes) | sim (closed-loop success)
     max_batches: int | None = None  # per task; None: every held-out frame
     within_task_evals: int = 0  # extra evaluations of the current task during its training (LIBERO FWT)
+    keep_best_within_task: bool = False  # LIBERO's protocol: end each task with its best within-task weights
     evaluate_unseen: bool = True  # also evaluate tasks not trained yet (forward transfer)
     cache_baseline: bool = True  # eval=sim: the untrained row from cl_vla.evaluation.baseline_cache
     env: str | None = None  # sim: metaworld | libero; None: from task_sequence.suite

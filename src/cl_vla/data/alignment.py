@@ -50,6 +50,13 @@ def renamed_features(meta: Any, spec: SourceSpec) -> dict[str, dict]:
     return out
 
 
+def recorded_camera_size(metas: Sequence[Any], specs: Sequence[SourceSpec]) -> tuple[int, int] | None:
+    """(height, width) the first dataset's first camera was recorded at (the policy's, before any resize)."""
+    first = renamed_features(metas[0], specs[0])
+    cams = [f for f in first.values() if is_visual(f)]
+    return _hw(cams[0]) if cams else None
+
+
 def feature_space(
     metas: Sequence[Any], specs: Sequence[SourceSpec], image_size: tuple[int, int] | None, fps_rule: str
 ) -> dict[str, dict]:
@@ -68,12 +75,17 @@ def feature_space(
             space[key] = {**feat, "shape": (*size, 3), "names": ["height", "width", "channels"]}
         else:
             space[key] = feat
+    # Windows are always cut in each dataset's own frames (its timestamps at its own fps label), so two
+    # datasets whose frames are the same control steps align whatever fps they are labelled with.
+    fps0 = specs[0].frame_rate(metas[0].fps)
     for meta, spec in zip(metas, specs, strict=True):
-        if fps_rule == "same" and meta.fps != metas[0].fps:
+        if fps_rule == "same" and spec.frame_rate(meta.fps) != fps0:
             raise DataError(
-                f"Dataset {spec.name!r} ({spec.repo_id}) records at {meta.fps} fps but {specs[0].name!r} at "
-                f"{metas[0].fps} fps; set task_sequence.fps_rule=own_frames (windows of the same number of "
-                "frames, each at its dataset's rate) or use datasets of one fps."
+                f"Dataset {spec.name!r} ({spec.repo_id}) records at {spec.frame_rate(meta.fps):g} fps but "
+                f"{specs[0].name!r} at {fps0:g} fps; if their frames are the same control steps labelled "
+                f"differently (LIBERO's sets: 10 or 20), declare the true rate with "
+                f"task_sequence.datasets.<name>.fps, else set task_sequence.fps_rule=own_frames (windows of "
+                "the same number of frames, each at its dataset's rate) or use datasets of one fps."
             )
         feats = renamed_features(meta, spec)
         for key, want in space.items():
@@ -133,15 +145,18 @@ class AlignedSource(Dataset):
         for key, new in self.keys.items():
             value = item[key]
             if new in self.sizes and tuple(value.shape[-2:]) != self.sizes[new]:
-                value = _resize(value, self.sizes[new])
+                value = resize_image(value, self.sizes[new])
             out[new] = value
             if f"{key}_is_pad" in item:
                 out[f"{new}_is_pad"] = item[f"{key}_is_pad"]
         return out
 
 
-def _resize(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    # Frames come as float (C, H, W) or, with windows, (T, C, H, W); antialias as torchvision does.
+def resize_image(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """A camera frame resized as training reads it (also LIBERO's evaluation, which must match).
+
+    Frames come as float (C, H, W) or, with windows or a batch, (N, C, H, W); antialiased as torchvision.
+    """
     batch = image if image.dim() == 4 else image.unsqueeze(0)
     out = torch.nn.functional.interpolate(
         batch, size=size, mode="bilinear", antialias=True, align_corners=False

@@ -17,8 +17,9 @@ from cl_vla.errors import ConfigError, one_of
 
 FPS_RULES = ("same", "own_frames")
 # repo_id: the dataset's id; root: a local copy; rename: its feature -> the policy's name (null: drop
-# it); synthetic: data=synthetic writer settings over data.synthetic (+ `features`, names to write under)
-_DATASET_KEYS = {"repo_id", "root", "rename", "synthetic"}
+# it); synthetic: data=synthetic writer settings over data.synthetic (+ `features`, names to write under);
+# fps: the rate its frames were really taken at, where its info.json labels them otherwise
+_DATASET_KEYS = {"repo_id", "root", "rename", "synthetic", "fps"}
 _TASK_KEYS = {"dataset", "instruction", "instructions", "tasks", "sequence", "name", "env_task"}
 
 
@@ -31,6 +32,14 @@ class SourceSpec:
     root: str | None = None
     rename: Mapping[str, str | None] = field(default_factory=dict)
     synthetic: Mapping[str, Any] | None = None
+    # The rate the frames were taken at, declared where info.json labels the same per-step frames otherwise
+    # (LIBERO's sets: one frame per 20 Hz control step, labelled 10 fps in lerobot/libero and
+    # HuggingFaceVLA/libero, 20 in lerobot/libero_*_image and IPEC's); fps_rule=same compares this.
+    fps: float | None = None
+
+    def frame_rate(self, labelled: float) -> float:
+        """The rate fps_rule=same compares: the declared one, else what the dataset's info.json says."""
+        return float(self.fps) if self.fps is not None else float(labelled)
 
 
 @dataclass(frozen=True)
@@ -83,6 +92,12 @@ def parse_cross_sequence(node: Mapping[str, Any]) -> CrossSequence:
             )
         if not src.get("repo_id"):
             raise ConfigError(f"task_sequence.datasets.{key} has no repo_id; give the dataset's repo id.")
+        fps = src.get("fps")
+        if fps is not None and (isinstance(fps, bool) or not isinstance(fps, int | float) or fps <= 0):
+            raise ConfigError(
+                f"task_sequence.datasets.{key}.fps={fps!r} is not allowed; give the positive rate its frames "
+                "were taken at, or leave it out to use its info.json's fps."
+            )
         sources.append(
             SourceSpec(
                 name=str(key),
@@ -90,6 +105,7 @@ def parse_cross_sequence(node: Mapping[str, Any]) -> CrossSequence:
                 root=src.get("root"),
                 rename=dict(src.get("rename") or {}),
                 synthetic=src.get("synthetic"),
+                fps=None if fps is None else float(fps),
             )
         )
     known = [s.name for s in sources]

@@ -34,9 +34,15 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from cl_vla.data.alignment import INDEX_KEYS, AlignedSource, feature_space, is_visual
+from cl_vla.data.alignment import (
+    INDEX_KEYS,
+    AlignedSource,
+    feature_space,
+    is_visual,
+    recorded_camera_size,
+)
 from cl_vla.data.cross_sequence import CrossSequence, SourceSpec, is_cross_dataset, parse_cross_sequence
-from cl_vla.data.streams import ContinualData, open_dataset
+from cl_vla.data.streams import ContinualData, UnconvertedDatasetError, open_dataset
 from cl_vla.data.task_sequences import TaskSequence, TaskStream, build_episode_task_map
 from cl_vla.errors import DataError
 
@@ -68,6 +74,8 @@ class CombinedMeta:
         index_feats = {k: v for k, v in metas[0].features.items() if k in INDEX_KEYS}
         self.features = {**space, **index_feats}
         self.camera_keys = [k for k, f in space.items() if is_visual(f)]
+        # What LIBERO renders at evaluation: the size the policy's cameras were recorded at.
+        self.recorded_camera_size = recorded_camera_size(metas, specs)
         self.stats = aggregate_stats([self._renamed(m.stats, s) for m, s in zip(metas, specs, strict=True)])
 
     def _renamed(self, stats: Mapping[str, Mapping[str, Any]], spec: SourceSpec) -> dict:
@@ -190,7 +198,12 @@ def open_source(
     try:
         return open_dataset(spec.repo_id, root, delta_timestamps, video_backend)
     except DataError as e:
-        if root is None and os.environ.get("HF_HUB_OFFLINE") == "1":
+        # A v2.1 copy in the hub cache is on disk: its own message (convert it) is the one to give.
+        if (
+            root is None
+            and os.environ.get("HF_HUB_OFFLINE") == "1"
+            and not isinstance(e, UnconvertedDatasetError)
+        ):
             raise DataError(
                 f"Dataset {spec.name!r} ({spec.repo_id}) of the task sequence is not on disk and the hub is "
                 f"off (HF_HUB_OFFLINE=1); give task_sequence.datasets.{spec.name}.root=<local copy>."
@@ -212,7 +225,8 @@ def prepare_cross_data(cfg: Any, device: str) -> tuple[ContinualData, Any]:
     if cfg.data.source == "synthetic" and cfg.data.synthetic is not None:
         roots = ensure_synthetic_sources(cfg.data, seq)
     specs = [
-        SourceSpec(s.name, roots[s.name][1], roots[s.name][0], s.rename, s.synthetic) for s in seq.sources
+        SourceSpec(s.name, roots[s.name][1], roots[s.name][0], s.rename, s.synthetic, s.fps)
+        for s in seq.sources
     ]
     plain = [open_source(s, s.root, None, cfg.data.video_backend) for s in specs]
     metas = [d.meta for d in plain]

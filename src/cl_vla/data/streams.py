@@ -39,7 +39,25 @@ def ensure_synthetic(data_cfg: Any, sequence: TaskSequence, *, progress: bool = 
     write_synthetic_dataset(data_cfg.root, data_cfg.repo_id, spec, progress=progress)
 
 
-def check_dataset_layout(root: Path) -> None:
+class UnconvertedDatasetError(DataError):
+    """A LeRobot dataset older than codebase v3.0, which lerobot 0.6.1 refuses."""
+
+
+#: lerobot's own converter of v2.1 datasets (lerobot/scripts/convert_dataset_v21_to_v30.py in 0.6.1).
+V21_CONVERTER = "lerobot.scripts.convert_dataset_v21_to_v30"
+
+
+def unconverted_message(what: str, version: str, repo_id: str | None = None, root: Path | None = None) -> str:
+    """One sentence for a dataset lerobot 0.6.1 cannot read (v2.1 and older; IPEC's LIBERO sets are v2.1)."""
+    folder = str(root) if root is not None else "<a local copy>"
+    return (
+        f"{what} is a LeRobot {version} dataset, but lerobot 0.6.1 reads codebase v3.0 only; convert a local "
+        f"copy first with lerobot's converter (python -m {V21_CONVERTER} --repo-id={repo_id or '<repo id>'} "
+        f"--root={folder} --push-to-hub=false, in place) and read that folder."
+    )
+
+
+def check_dataset_layout(root: Path, repo_id: str | None = None) -> None:
     """Name what a local LeRobot v3 dataset lacks before lerobot sees it: with a local root, lerobot
     answers a missing metadata file by trying the hub, and offline its message never names the file."""
     import json
@@ -55,9 +73,8 @@ def check_dataset_layout(root: Path) -> None:
     except (json.JSONDecodeError, AttributeError) as e:
         raise DataError(f"data.root={str(root)!r}: meta/info.json is not valid JSON ({e}).") from e
     if not version.startswith("v3"):
-        raise DataError(
-            f"data.root={str(root)!r} is a LeRobot {version} dataset; lerobot 0.6.1 reads v3.0 only: "
-            "convert it with lerobot's convert_dataset_v21_to_v30 first."
+        raise UnconvertedDatasetError(
+            unconverted_message(f"The dataset at {str(root)!r}", version, repo_id, root)
         )
     required = {
         "meta/tasks.parquet": (root / "meta" / "tasks.parquet").is_file(),
@@ -100,7 +117,7 @@ def open_dataset(
 
     if root is not None:
         root = Path(root).expanduser()
-        check_dataset_layout(root)
+        check_dataset_layout(root, repo_id)
     try:
         return LeRobotDataset(
             repo_id,
@@ -111,6 +128,10 @@ def open_dataset(
     except DataError:
         raise
     except Exception as e:  # lerobot raises many kinds; the user needs to know which dataset failed and why
+        if type(e).__name__ == "BackwardCompatibilityError":  # a v2.1 dataset from the hub or its cache
+            # lerobot 0.6.1 raises it only for v2.1 (older versions are a NotImplementedError).
+            msg = unconverted_message(f"Dataset {repo_id!r}", "v2.1", repo_id=repo_id)
+            raise UnconvertedDatasetError(msg) from e
         damaged = damaged_parquet(root) if root is not None else None
         if damaged is not None:
             path, why = damaged

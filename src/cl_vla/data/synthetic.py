@@ -27,6 +27,11 @@ GENERATOR_VERSION = 2  # bump when the generated content changes, so cached data
 STATE_DIM, ACTION_DIM = 8, 7
 
 
+# The keys synthetic datasets have always had (image + wrist_image, the 8-d state), IPEC's. (Until the
+# schemas were corrected they were called "lerobot", whose hub set lerobot/libero names the wrist image2.)
+DEFAULT_SCHEMA = "ipec"
+
+
 @dataclass(frozen=True)
 class SyntheticSpec:
     instructions: tuple[str, ...]
@@ -36,16 +41,16 @@ class SyntheticSpec:
     fps: int = 10
     seed: int = 0
     use_videos: bool = False
-    schema: str = "lerobot"  # LIBERO dataset schema: which camera keys (cl_vla.envs.libero_schema)
+    schema: str = DEFAULT_SCHEMA  # LIBERO dataset schema: which keys (cl_vla.envs.libero_schema)
 
     def fingerprint(self) -> str:
         payload = {"generator": GENERATOR_VERSION, **asdict(self)}
-        if self.schema == "lerobot":
+        if self.schema == DEFAULT_SCHEMA:
             del payload["schema"]  # the keys datasets had before schemas existed: cached copies stay valid
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def camera_keys(schema: str = "lerobot") -> tuple[str, str]:
+def camera_keys(schema: str = DEFAULT_SCHEMA) -> tuple[str, str]:
     """The (agent view, wrist) image keys of a LIBERO dataset schema."""
     from cl_vla.envs.libero_schema import get_schema
 
@@ -53,19 +58,25 @@ def camera_keys(schema: str = "lerobot") -> tuple[str, str]:
     return keys[0], keys[1]
 
 
-def libero_features(image_size: int, use_videos: bool = False, schema: str = "lerobot") -> dict:
+def libero_features(image_size: int, use_videos: bool = False, schema: str = DEFAULT_SCHEMA) -> dict:
+    from cl_vla.envs.libero_schema import JOINT_DIM, get_schema
+
     img = {
         "dtype": "video" if use_videos else "image",
         "shape": (image_size, image_size, 3),
         "names": ["height", "width", "channels"],
     }
     agent, wrist = camera_keys(schema)
-    return {
+    feats = {
         agent: dict(img),
         wrist: dict(img),
         "observation.state": _vector(STATE_DIM, "s"),
         "action": _vector(ACTION_DIM, "a"),
     }
+    joint = get_schema(schema).joint_key
+    if joint:  # lerobot/libero_*_image also stores the arm's joint positions
+        feats[joint] = _vector(JOINT_DIM, "q")
+    return feats
 
 
 def _task_angle(task: int, num_tasks: int) -> float:
@@ -153,7 +164,9 @@ def _serves(saved: dict, spec: SyntheticSpec) -> bool:
     wanted = {**asdict(spec), "instructions": None}
     have = {k: saved.get(k) for k in wanted} | {
         "instructions": None,
-        "schema": saved.get("schema", "lerobot"),
+        # (An older settings file's "lerobot" meant today's default keys: such a copy is served only
+        # through its fingerprint above, else rewritten once.)
+        "schema": saved.get("schema", DEFAULT_SCHEMA),
     }
     same_generator = SyntheticSpec(**{**asdict(spec), "instructions": tuple(saved.get("instructions") or ())})
     return (
@@ -171,6 +184,9 @@ def _write_episode(ds, task: int, n_tasks: int, spec: SyntheticSpec, rng: np.ran
     grip_sign = 1.0 if task % 2 == 0 else -1.0
     tint = task / max(n_tasks - 1, 1)
     agent_key, wrist_key = camera_keys(spec.schema)
+    from cl_vla.envs.libero_schema import get_schema
+
+    joint_key = get_schema(spec.schema).joint_key
     for f in range(spec.frames_per_episode):
         image, wrist = _render(spec.image_size, target, pos, tint * 0.3)
         delta = target - pos
@@ -183,14 +199,15 @@ def _write_episode(ds, task: int, n_tasks: int, spec: SyntheticSpec, rng: np.ran
         # mapping is learnable from few episodes and held-out episodes test it, not image memorization.
         gripper = [0.04 * (1 + move[6]), -0.04 * (1 + move[6])]
         state = np.concatenate([pos, target, gripper]).astype(np.float32)
-        ds.add_frame(
-            {
-                agent_key: image,
-                wrist_key: wrist,
-                "observation.state": state,
-                "action": move,
-                "task": spec.instructions[task],
-            }
-        )
+        frame = {
+            agent_key: image,
+            wrist_key: wrist,
+            "observation.state": state,
+            "action": move,
+            "task": spec.instructions[task],
+        }
+        if joint_key:  # stand-in joint angles, a smooth function of the state
+            frame[joint_key] = np.tanh(np.concatenate([pos, target, [gripper[0]]])).astype(np.float32)
+        ds.add_frame(frame)
         pos = np.clip(pos + 0.08 * move[:3] + rng.normal(0, 0.01, size=3), -1, 1)
     ds.save_episode()

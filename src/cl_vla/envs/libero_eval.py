@@ -172,12 +172,16 @@ class LiberoHandler:
     @staticmethod
     def _flat(obs: dict[str, Any]) -> dict[str, Any]:
         rs = obs["robot_state"]
-        return {
+        flat = {
             "pixels": {AGENTVIEW: obs["pixels"]["image"], WRIST: obs["pixels"]["image2"]},
             "eef_pos": np.asarray(rs["eef"]["pos"], dtype=np.float64),
             "eef_quat": np.asarray(rs["eef"]["quat"], dtype=np.float64),
             "gripper_qpos": np.asarray(rs["gripper"]["qpos"], dtype=np.float64),
         }
+        joints = rs.get("joints", {}).get("pos")
+        if joints is not None:  # robosuite's robot0_joint_pos: lerobot_image's observation.state.joint
+            flat["joint_pos"] = np.asarray(joints, dtype=np.float64)
+        return flat
 
     def reset(self, task: int, init_states: Sequence[int]) -> dict[str, Any]:
         """Reset one environment per init state of ``task``; returns their batched observations."""
@@ -260,7 +264,10 @@ class LiberoEvaluator(ClosedLoopEvaluator):
         *,
         run_dir: str | Path | None = None,
         wandb_run: Callable[[], Any] | None = None,
+        render_size: tuple[int, int] | None = None,
     ) -> None:
+        """``render_size``: the (height, width) the training data's cameras were recorded at, where the
+        policy reads them resized (``task_sequence.image_size``); None: the policy's own input size."""
         assets = _get(eval_cfg, "libero_assets")
         check_libero_available(suite, assets)
         self.suite = str(suite)
@@ -278,7 +285,10 @@ class LiberoEvaluator(ClosedLoopEvaluator):
             raise ConfigError(
                 f"The policy's cameras have different sizes {sorted(sizes)}; LIBERO renders one."
             )
-        height, width = sizes.pop()
+        # The policy's size; LIBERO renders at the recorded size (256 for the hub sets, as openpi renders
+        # its LIBERO evaluation) and a resized one is resized here exactly as training resized it.
+        self.policy_size = sizes.pop()
+        height, width = tuple(render_size) if render_size else self.policy_size
         self.seed = int(eval_cfg.seed)
         self.init_states = init_state_ids(eval_cfg)
         self.task_ids = resolve_task_ids(self.suite, env_tasks, len(self.instructions))
@@ -304,6 +314,11 @@ class LiberoEvaluator(ClosedLoopEvaluator):
 
     def _policy_batch(self, obs: dict[str, Any], module: Any) -> dict[str, Any]:
         batch = to_policy_batch(obs, self.schema, self.image_keys)
+        if (self.settings.height, self.settings.width) != tuple(self.policy_size):
+            from cl_vla.data.alignment import resize_image
+
+            for key in self.image_keys:
+                batch[key] = resize_image(batch[key], tuple(self.policy_size))
         return {k: v.to(module.device) for k, v in batch.items()}
 
     def _frames(self, obs: dict[str, Any]) -> np.ndarray | None:

@@ -5,16 +5,21 @@ training data and evaluation silently gives 0 % success. The schema (``eval.libe
 dataset family the policy was trained on; :func:`to_policy_batch` then turns the simulator's
 observation into exactly that family's features:
 
-* ``lerobot`` -- ``lerobot/libero_*`` (videos): ``observation.images.image`` (agent view) and
-  ``observation.images.wrist_image``;
-* ``huggingfacevla`` -- ``HuggingFaceVLA/libero`` (PNG images): ``observation.images.image`` and
-  ``observation.images.image2``, the names lerobot's own ``LiberoEnv`` gives its cameras;
-* ``ipec`` -- ``IPEC-COMMUNITY/libero_*_no_noops_1.0.0_lerobot``: ``observation.images.image`` and
-  ``observation.images.wrist_image``, recorded at 20 fps;
+* ``lerobot`` -- ``lerobot/libero`` (1,693 episodes of the four suites' 40 tasks, 256 px; lerobot's docs:
+  "the same schema" as ``HuggingFaceVLA/libero``): ``observation.images.image`` (agent view) and
+  ``observation.images.image2``, the names lerobot's own ``LiberoEnv`` gives its cameras
+  (``lerobot/envs/configs.py``, ``LiberoEnv.features_map``);
+* ``huggingfacevla`` -- ``HuggingFaceVLA/libero`` (PNG images): the same keys;
+* ``lerobot_image`` -- ``lerobot/libero_*_image`` (codebase v3.0, images, labelled 20 fps):
+  ``observation.images.image`` and ``observation.images.wrist_image``, plus the arm's seven joint
+  positions as ``observation.state.joint``;
+* ``ipec`` -- ``IPEC-COMMUNITY/libero_*_no_noops_1.0.0_lerobot`` (codebase v2.1 on the hub: convert
+  them with lerobot's ``convert_dataset_v21_to_v30`` first): ``observation.images.image`` and
+  ``observation.images.wrist_image``, labelled 20 fps;
 * ``libero_hdf5`` -- LIBERO's own demonstrations converted as they are (``agentview_rgb`` and
   ``eye_in_hand_rgb``), in the orientation LIBERO renders.
 
-The three hub families come from OpenVLA's re-rendered no-noop demonstrations, whose images are
+The hub families come from OpenVLA's re-rendered no-noop demonstrations, whose images are
 rotated by 180 degrees from what LIBERO renders (lerobot's ``LiberoProcessorStep`` rotates for the same
 reason); ``libero_hdf5`` is not rotated. All of them carry the same 8-d state -- end-effector position
 (3), end-effector orientation as an axis-angle vector (3, from LIBERO's xyzw quaternion) and the two
@@ -34,7 +39,7 @@ import torch
 
 from cl_vla.errors import ConfigError, one_of
 
-STATE_DIM, ACTION_DIM = 8, 7
+STATE_DIM, ACTION_DIM, JOINT_DIM = 8, 7, 7
 STATE_NAMES = ("eef_x", "eef_y", "eef_z", "eef_axis_angle_x", "eef_axis_angle_y", "eef_axis_angle_z")
 STATE_NAMES = (*STATE_NAMES, "gripper_qpos_left", "gripper_qpos_right")
 ACTION_NAMES = ("dx", "dy", "dz", "droll", "dpitch", "dyaw", "gripper")
@@ -51,7 +56,12 @@ class LiberoSchema:
     cameras: tuple[tuple[str, str], ...]  # (dataset feature key, LIBERO camera)
     rotate_180: bool  # images rotated by 180 degrees from LIBERO's render
     image_dtype: str  # "video" or "image": how the dataset stores images (the synthetic writer follows)
-    fps: int
+    fps: int  # as the sets label it; every family holds one frame per 20 Hz control step
+    joint_key: str | None = None  # the arm's joint positions (robosuite's robot0_joint_pos), if stored
+
+    @property
+    def state_keys(self) -> tuple[str, ...]:
+        return ("observation.state",) + ((self.joint_key,) if self.joint_key else ())
 
     @property
     def camera_keys(self) -> tuple[str, ...]:
@@ -67,6 +77,9 @@ class LiberoSchema:
         }
         feats: dict[str, dict] = {key: dict(img) for key in self.camera_keys}
         feats["observation.state"] = {"dtype": "float32", "shape": (STATE_DIM,), "names": list(STATE_NAMES)}
+        if self.joint_key:
+            names = [f"joint_{i + 1}" for i in range(JOINT_DIM)]
+            feats[self.joint_key] = {"dtype": "float32", "shape": (JOINT_DIM,), "names": names}
         feats["action"] = {"dtype": "float32", "shape": (ACTION_DIM,), "names": list(ACTION_NAMES)}
         return feats
 
@@ -76,10 +89,10 @@ SCHEMAS: dict[str, LiberoSchema] = {
     for s in (
         LiberoSchema(
             "lerobot",
-            "lerobot/libero_*",
-            (("observation.images.image", AGENTVIEW), ("observation.images.wrist_image", WRIST)),
+            "lerobot/libero",
+            (("observation.images.image", AGENTVIEW), ("observation.images.image2", WRIST)),
             rotate_180=True,
-            image_dtype="video",
+            image_dtype="image",
             fps=10,
         ),
         LiberoSchema(
@@ -89,6 +102,15 @@ SCHEMAS: dict[str, LiberoSchema] = {
             rotate_180=True,
             image_dtype="image",
             fps=10,
+        ),
+        LiberoSchema(
+            "lerobot_image",
+            "lerobot/libero_*_image",
+            (("observation.images.image", AGENTVIEW), ("observation.images.wrist_image", WRIST)),
+            rotate_180=True,
+            image_dtype="image",
+            fps=20,
+            joint_key="observation.state.joint",
         ),
         LiberoSchema(
             "ipec",
@@ -110,6 +132,11 @@ SCHEMAS: dict[str, LiberoSchema] = {
 }
 
 
+def schemas_with_cameras(keys) -> list[str]:
+    """Names of the schemas whose cameras are exactly ``keys`` (for messages about a mismatch)."""
+    return [s.name for s in SCHEMAS.values() if set(s.camera_keys) == set(keys)]
+
+
 def get_schema(name: str) -> LiberoSchema:
     if name not in SCHEMAS:
         raise ConfigError(f"eval.libero_schema={name!r} is unknown; choose 'auto' or {one_of(SCHEMAS)}.")
@@ -123,23 +150,32 @@ def schema_for_policy(name: str, input_features: Mapping[str, Any], action_shape
     else is one sentence naming the feature.
     """
     images = [k for k in input_features if k.startswith("observation.image")]
+    states = {k for k in input_features if k.startswith("observation.state")}
     if name == "auto":
-        matches = [s for s in SCHEMAS.values() if images and set(images) <= set(s.camera_keys)]
+        matches = [
+            s
+            for s in SCHEMAS.values()
+            if images and set(images) <= set(s.camera_keys) and states <= set(s.state_keys)
+        ]
         if not matches:
             raise ConfigError(
                 f"No LIBERO dataset schema has the policy's cameras {images}; set eval.libero_schema to "
                 f"{one_of(SCHEMAS)} and train on data with that schema's camera keys."
             )
-        schema = matches[0]  # lerobot and ipec share keys; they differ only in storage, not in mapping
+        # Schemas sharing keys map them alike (they differ in storage); the one with exactly the policy's
+        # state features first, so a policy without joint positions is not described as having them.
+        schema = sorted(matches, key=lambda s: set(s.state_keys) != states)[0]
     else:
         schema = get_schema(name)
     for key, ft in input_features.items():
         shape = tuple(ft.shape)
         if key.startswith("observation.image"):
             if key not in schema.camera_keys or len(shape) != 3 or shape[0] != 3:
+                fits = [s.name for s in SCHEMAS.values() if images and set(images) <= set(s.camera_keys)]
+                hint = f"; the policy's cameras are those of {one_of(fits)}" if fits else ""
                 raise ConfigError(
                     f"The policy expects input {key!r} of shape {shape}, which LIBERO schema {schema.name!r} "
-                    f"does not provide; its cameras are {one_of(schema.camera_keys)} (3 channels)."
+                    f"does not provide (its cameras are {one_of(schema.camera_keys)}, 3 channels){hint}."
                 )
         elif key == "observation.state":
             if shape != (STATE_DIM,):
@@ -147,10 +183,15 @@ def schema_for_policy(name: str, input_features: Mapping[str, Any], action_shape
                     f"The policy expects 'observation.state' of shape {shape}, but LIBERO's is "
                     f"({STATE_DIM},) (eef position, eef axis-angle, two gripper joints)."
                 )
+        elif key == schema.joint_key:
+            if shape != (JOINT_DIM,):
+                raise ConfigError(
+                    f"The policy expects {key!r} of shape {shape}, but LIBERO's arm has {JOINT_DIM} joints."
+                )
         else:
             raise ConfigError(
-                f"The policy expects input {key!r}, which LIBERO does not provide; it provides the schema's "
-                "cameras and 'observation.state'."
+                f"The policy expects input {key!r}, which LIBERO schema {schema.name!r} does not provide; "
+                f"it provides {one_of([*schema.camera_keys, *schema.state_keys])}."
             )
     if action_shape is not None and tuple(action_shape) != (ACTION_DIM,):
         raise ConfigError(
@@ -183,8 +224,8 @@ def to_policy_batch(
     """A batch of simulator observations as the schema's features (images float CHW in [0, 1]).
 
     ``obs``: ``pixels`` (LIBERO camera -> (B, H, W, 3) uint8, as rendered), ``eef_pos`` (B, 3),
-    ``eef_quat`` (B, 4, xyzw), ``gripper_qpos`` (B, 2). ``keys``: the image features to produce
-    (default: all of the schema's cameras).
+    ``eef_quat`` (B, 4, xyzw), ``gripper_qpos`` (B, 2), and for a schema with joint positions
+    ``joint_pos`` (B, 7). ``keys``: the image features to produce (default: all of the schema's cameras).
     """
     batch: dict[str, torch.Tensor] = {}
     for key, camera in schema.cameras:
@@ -196,4 +237,11 @@ def to_policy_batch(
         t = torch.from_numpy(np.ascontiguousarray(img)).permute(0, 3, 1, 2)
         batch[key] = t.to(torch.float32) / 255.0
     batch["observation.state"] = torch.from_numpy(libero_state(obs))
+    if schema.joint_key:
+        if "joint_pos" not in obs:
+            raise RuntimeError(
+                f"LIBERO schema {schema.name!r} needs the arm's joint positions, but the simulator's "
+                "observation has no robot0_joint_pos."
+            )
+        batch[schema.joint_key] = torch.from_numpy(np.asarray(obs["joint_pos"], dtype=np.float32))
     return batch

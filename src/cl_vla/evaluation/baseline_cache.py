@@ -34,6 +34,7 @@ NOT_IN_KEY = frozenset(
         "videos",
         "max_batches",
         "within_task_evals",
+        "keep_best_within_task",
         "evaluate_unseen",
         "libero_assets",
         "libero_max_envs",

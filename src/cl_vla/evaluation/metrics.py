@@ -19,7 +19,8 @@ Metrics are computed on ``P = -R`` (``baseline`` and ``within_task`` are negated
 every *difference* metric keeps one meaning whatever is measured:
 
 * ``bwt``, ``fwt``: positive = good (transfer), negative ``bwt`` = forgetting;
-* ``forgetting``, ``max_forgetting``, ``libero_nbt``: positive = bad (performance was lost).
+* ``forgetting``, ``max_forgetting``, ``libero_nbt``, ``libero_nbt_code``: positive = bad (performance
+  was lost).
 
 *Level* metrics (``acc``, ``acc_all``, ``learning_accuracy``, ``libero_fwt``, ``libero_auc``) are
 averages of entries of ``R``; they are mapped back (``-mean(P) = mean(R)``) and so stay in the units
@@ -68,20 +69,29 @@ Definitions (with ``L`` the last filled row, ``P`` as above)
       ``libero_auc = 1/K * sum_{k=0}^{K-1} AUC_k``.
 
     (The paper's 1-based forms are ``NBT_k = 1/(K-k) sum_{tau=k+1}^{K}`` and ``AUC_k = 1/(K-k+1)
-    (FWT_k + sum_{tau=k+1}^{K})``.) If the framework keeps the *last* rather than the best
-    checkpoint, ``libero_nbt`` also counts the drop from the best to the final within-task point.
-``libero_fwt_code``, ``libero_auc_code``
-    The same as LIBERO's code computes them (``libero/lifelong/algos/base.py``, ``learn_one_task``): the
-    curve of task ``k`` starts with a zero-shot evaluation before any training on it (the loop records
-    it as ``within_task[k][0]`` when ``eval.within_task_evals > 0``), and every point from the first
-    best one on is replaced by the best (LIBERO "pretends that the agent stops learning once it reaches
-    the peak"): with ``e* = argmax_e c_{k,k,e}`` (first),
+    (FWT_k + sum_{tau=k+1}^{K})``.) If the run keeps the *last* rather than the best within-task
+    weights (the default; ``eval.keep_best_within_task=true`` keeps the best, as LIBERO does),
+    ``libero_nbt`` also counts the drop from the best to the final within-task point.
+``libero_fwt_code``, ``libero_nbt_code``, ``libero_auc_code``
+    The same as LIBERO's code computes them: ``learn_one_task`` (``libero/lifelong/algos/base.py``,
+    148-254) for each task's curve and ``compute_metric`` (``notebooks/quick_guide_algo.ipynb``, Sec. 5.2)
+    for the sums. The curve of task ``k`` starts with a zero-shot evaluation before any training on it
+    (the loop records it as ``within_task[k][0]`` when ``eval.within_task_evals > 0``), and every point
+    from the first best one on is replaced by the best (LIBERO "pretends that the agent stops learning
+    once it reaches the peak"): with ``e* = argmax_e c_{k,k,e}`` (first),
     ``FWT^code_k = 1/n * (sum_{e<e*} c_{k,k,e} + (n - e*) c_{k,k})``, ``n`` the number of points; this is
-    LIBERO's ``S_fwd[k]``. ``AUC^code_k`` is ``AUC_k`` with ``FWT^code_k``. ``libero_nbt`` is the same
-    in both conventions (both take ``c_{k,k}`` as the best point). The two conventions agree when
-    every curve peaks at its last point and differ most for curves that peak early: on uniform random
-    10-task runs with LIBERO's 11-point curves, ``libero_fwt_code - libero_fwt`` is 0.21 on average and
-    up to 0.38.
+    LIBERO's ``S_fwd[k]``. ``AUC^code_k`` is ``AUC_k`` with ``FWT^code_k``.
+
+    ``NBT^code`` differs from the paper's ``NBT`` twice: ``compute_metric`` takes ``c_{k,k}`` from the
+    success matrix's diagonal, ``P[k, k]`` (in LIBERO the evaluation of the best checkpoint, reloaded at
+    the task's end: ``eval.keep_best_within_task=true`` here), not the curve's maximum, and it gives the
+    last task a term of 0 and divides by ``K``:
+    ``libero_nbt_code = 1/K * sum_{k=0}^{K-2} 1/(K-k-1) * sum_{tau=k+1}^{K-1} (P[k, k] - P[tau, k])``,
+    i.e. ``(K-1)/K`` times the mean over the other tasks. ``None`` when ``K < 2`` (LIBERO's code would
+    print 0 there: nothing can have been forgotten yet). The FWT conventions agree when every curve peaks
+    at its last point and differ most for curves that peak early: on uniform random 10-task runs with
+    LIBERO's 11-point curves, ``libero_fwt_code - libero_fwt`` is 0.21 on average and up to 0.38. The NBT
+    conventions differ on almost every run, even without within-task curves (the factor ``(K-1)/K``).
 """
 
 from __future__ import annotations
@@ -107,6 +117,7 @@ SCALAR_METRICS: tuple[str, ...] = (
     "libero_nbt",
     "libero_auc",
     "libero_fwt_code",
+    "libero_nbt_code",
     "libero_auc_code",
 )
 
@@ -233,6 +244,7 @@ class CLMetrics:
     libero_nbt: float | None = None
     libero_auc: float | None = None
     libero_fwt_code: float | None = None
+    libero_nbt_code: float | None = None
     libero_auc_code: float | None = None
     forgetting_per_task: tuple[float | None, ...] = ()
 
@@ -283,6 +295,8 @@ class CLMetrics:
         fwt_k = np.array([wk.mean() for wk in within])
         best_k = np.array([wk.max() for wk in within])
         nbt_k = [float(np.mean(best_k[k] - P[k + 1 : K, k])) for k in range(K - 1)]
+        # LIBERO's compute_metric: c_kk from the diagonal, the last task's term 0, divided by K.
+        nbt_code_k = [float(np.mean(diag[k] - P[k + 1 : K, k])) for k in range(K - 1)]
         auc_k = [(fwt_k[k] + P[k + 1 : K, k].sum()) / (K - k) for k in range(K)]
         code_k = np.array([_stopped_at_best(wk).mean() for wk in within])
         auc_code_k = [(code_k[k] + P[k + 1 : K, k].sum()) / (K - k) for k in range(K)]
@@ -302,6 +316,7 @@ class CLMetrics:
             libero_nbt=_mean(nbt_k),
             libero_auc=level(np.mean(auc_k)),
             libero_fwt_code=level(code_k.mean()),
+            libero_nbt_code=float(np.sum(nbt_code_k)) / K if K >= 2 else None,
             libero_auc_code=level(np.mean(auc_code_k)),
             forgetting_per_task=tuple(per_task),
         )

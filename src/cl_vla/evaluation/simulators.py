@@ -71,6 +71,8 @@ def make_sim_evaluator(cfg, data, policy_cfg, run_dir=None, wandb_run=None):
             cfg.eval,
             run_dir=run_dir,
             wandb_run=wandb_run,
+            # A sequence across datasets may read its cameras resized (task_sequence.image_size).
+            render_size=getattr(data.dataset.meta, "recorded_camera_size", None),
         )
     from cl_vla.envs.metaworld_eval import MetaworldEvaluator
     from cl_vla.envs.metaworld_record import read_settings

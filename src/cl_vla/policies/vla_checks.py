@@ -28,9 +28,19 @@ def check_vla_features(cfg: Any, features: dict[str, Any], repo_id: str, saved: 
         wanted = sorted(k for k, f in (cfg.input_features or {}).items() if f.type is FeatureType.VISUAL)
         missing = [k for k in wanted if k not in cameras and "empty_camera" not in k]
         if missing:
+            from cl_vla.envs.libero_schema import schemas_with_cameras
+
+            # LIBERO's hub sets name the wrist camera image2 or wrist_image: say which family is which.
+            model_s, data_s = schemas_with_cameras(wanted), schemas_with_cameras(cameras)
+            hint = (
+                f" (the model's are LIBERO schema {model_s[0]!r}'s, the dataset's {data_s[0]!r}'s: rename "
+                "them in a sequence across datasets, task_sequence.datasets.<name>.rename)"
+                if model_s and data_s
+                else ""
+            )
             raise DataError(
                 f"Dataset {repo_id!r} lacks camera {missing[0]!r} that the model in model.pretrained_path "
-                f"was trained with; its cameras are {cameras}."
+                f"was trained with; its cameras are {cameras}{hint}."
             )
     state = features.get("observation.state")
     if state is None:

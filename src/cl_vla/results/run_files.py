@@ -53,6 +53,7 @@ METRIC_LABELS: dict[str, tuple[str, str]] = {
     "libero_nbt": ("LIBERO NBT", "negative backward transfer; positive = bad (LIBERO)"),
     "libero_auc": ("LIBERO AUC", "area under the per-task curve (LIBERO paper's formula)"),
     "libero_fwt_code": ("LIBERO FWT (code)", "as LIBERO's learn_one_task: curve held at its best point"),
+    "libero_nbt_code": ("LIBERO NBT (code)", "as LIBERO's compute_metric: c_kk from R's diagonal, / K"),
     "libero_auc_code": ("LIBERO AUC (code)", "AUC with LIBERO's code FWT (curve held at its best point)"),
 }
 

@@ -37,7 +37,7 @@ from cl_vla.results.tables import markdown_table
 
 DEFAULT_METRICS = ("acc", "bwt", "forgetting", "fwt")
 REPORT_MD = "report.md"
-_LOWER_IS_BETTER = frozenset({"forgetting", "max_forgetting", "libero_nbt"})
+_LOWER_IS_BETTER = frozenset({"forgetting", "max_forgetting", "libero_nbt", "libero_nbt_code"})
 
 
 # ------------------------------------------------------------------------------------------ writing

@@ -35,6 +35,7 @@ from cl_vla.training.fsdp import reshard
 from cl_vla.training.module import CLPolicyModule
 from cl_vla.training.run_dir import RunHandle, record_dataset
 from cl_vla.training.trainer import build_trainer
+from cl_vla.training.within_task import BestWithinTask
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,12 @@ class ContinualRun:
         else:
             self.state = RunState(self.T, data.task_names, handle.fingerprint)
         self.ckpt_dir = self.run_dir / "checkpoints"
+        # eval.keep_best_within_task: LIBERO's protocol (sim: success, higher is better; else loss).
+        self.best = (
+            BestWithinTask(higher_is_better=cfg.eval.type == "sim")
+            if cfg.eval.get("keep_best_within_task", False)
+            else None
+        )
         L.seed_everything(int(cfg.seed), workers=True, verbose=False)
 
         from cl_vla.policies.factory import make_policy  # lerobot's, in a tiny twin's build context
@@ -138,6 +145,8 @@ class ContinualRun:
             # The CSV rows on disk now (flushed first): a resume from this checkpoint keeps exactly them.
             LOG_MARKS_KEY: json.dumps(log_marks(self.loggers)),
         }
+        if self.best is not None:  # mid-task: the best weights so far; at a task's end: empty
+            ckpt["cl_vla"]["best_within_task"] = self.best.state_dict()
 
     def _load_extra(self, ckpt: dict) -> None:
         extra = ckpt["cl_vla"]
@@ -148,6 +157,8 @@ class ContinualRun:
             {k: {s: v for s, v in d.items()} for k, d in unflatten_stats(extra["normalization"]).items()}
         )
         set_rng_state(extra["rng"])
+        if self.best is not None:
+            self.best.load_state_dict(extra.get("best_within_task", {}))
 
     def save(self, name: str) -> None:
         path = self.ckpt_dir / name
@@ -161,12 +172,28 @@ class ContinualRun:
 
     def _after_step(self, task: int, step: int) -> None:
         self.state.task, self.state.step_in_task = task, step
+        k = int(self.cfg.eval.within_task_evals)
+        # Evaluated before a checkpoint of the same step, which must hold the point (and, under
+        # keep_best, its weights): a run resumed from it continues after this step.
+        if k > 0 and step in {round(self.S * (i + 1) / (k + 1)) for i in range(k)}:
+            self.within_task_point(task)
         every = int(self.cfg.trainer.checkpoint_every_n_steps)
         if every > 0 and step % every == 0 and step < self.S:
             self.save("last.ckpt")
-        k = int(self.cfg.eval.within_task_evals)
-        if k > 0 and step in {round(self.S * (i + 1) / (k + 1)) for i in range(k)}:
-            self.state.within_task[task].append(self._evaluate([task])[0])
+
+    def within_task_point(self, task: int) -> None:
+        """Evaluate the current task now: one point of its curve (and, under keep_best, a candidate)."""
+        value = self._evaluate([task])[0]
+        self.state.within_task[task].append(value)
+        if self.best is not None:
+            self.best.offer(self.module, value)
+
+    def restore_best_within_task(self, task: int) -> None:
+        """keep_best: the curve's last point at the task's last step, then the best weights back."""
+        assert self.best is not None
+        self.within_task_point(task)
+        self.best.restore(self.module)
+        self.best.clear()
 
     # eval=sim: R holds closed-loop success; the held-out loss stays as a second matrix, `second`.
     second: dict[str, Any] | None = None

@@ -118,7 +118,10 @@ def _train_task(run: ContinualRun, t: int) -> None:
         run._stats_for_task(t)
         run.algorithm.on_task_start(t, run.context(t))
         if int(run.cfg.eval.within_task_evals) > 0:  # LIBERO's curve starts with a zero-shot point
-            st.within_task[t] = [run._evaluate([t])[0]]
+            st.within_task[t] = []
+            if run.best is not None:
+                run.best.clear()
+            run.within_task_point(t)
     if start < S:
         run.dm.set_task(t, start)
         run.trainer.fit_loop.epoch_loop.max_steps = (t + 1) * S
@@ -136,6 +139,8 @@ def _train_task(run: ContinualRun, t: int) -> None:
 def _end_task(run: ContinualRun, t: int) -> None:
     """``on_task_end``, row ``t`` of R (and of the held-out matrix under eval=sim), checkpoint, export."""
     st, cfg = run.state, run.cfg
+    if run.best is not None:  # LIBERO: the best within-task weights, before end_task and evaluation
+        run.restore_best_within_task(t)
     run.algorithm.on_task_end(t, run.context(t))
     tasks = list(range(run.T)) if cfg.eval.evaluate_unseen else list(range(t + 1))
     tic = time.perf_counter()
@@ -146,7 +151,8 @@ def _end_task(run: ContinualRun, t: int) -> None:
         loss = run._heldout(tasks)
         run.second["R"][t] = [loss[tasks.index(j)] if j in tasks else None for j in range(run.T)]
         _log_row(run, t, run.second["R"][t], prefix="eval_heldout")
-    st.within_task[t].append(st.R[t][t])
+    if run.best is None:  # under keep_best the curve ended before the best weights came back
+        st.within_task[t].append(st.R[t][t])
     st.task, st.step_in_task = t + 1, 0
     _log_row(run, t, st.R[t], prefix="eval")
     record_rank_state(run)
