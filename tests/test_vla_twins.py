@@ -304,6 +304,16 @@ def test_memory_plan_counts_the_real_models_on_the_meta_device():
     assert gem.sharded(8).per_gpu_bytes == pytest.approx((gem.total_bytes - refs) / 8 + refs)
     # LwF is not sharded yet: it is never offered FSDP.
     assert Plan(pi0, "lwf", 10).fit_option(60 * GB, gpus=8) != "FSDP x 8"
+    # State precision and place: bf16 halves what they apply to (SI's running omega stays fp32).
+    online = Plan(pi0, "ewc_online", 10)
+    assert online.placed(dtype="bfloat16").state_bytes == online.state_bytes / 2
+    assert online.fit_option(80 * GB) == "algorithm.state_dtype=bfloat16"  # 90 GB -> 75 GB
+    si = Plan(pi0, "si", 10).placed(dtype="bfloat16")
+    assert si.state_bytes == 4 * pi0.trainable + 3 * 2 * pi0.trainable
+    # Host state: what stays on the device is what one step brings over, the rest is in host memory.
+    host = Plan(pi0, "ewc", 10).placed(device="cpu")
+    assert host.host_state_bytes == ewc.state_bytes and host.device_state_bytes == 3 * 4 * pi0.trainable
+    assert Plan(count_hub_model("groot"), "ewc", 10).fit_option(80 * GB) == "algorithm.state_device=cpu"
 
 
 def test_memory_plan_refuses_before_the_first_step(synthetic_libero, tmp_path, monkeypatch):

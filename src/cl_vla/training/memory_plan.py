@@ -21,9 +21,10 @@ from __future__ import annotations
 import sys
 import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+from cl_vla.algorithms.state_placement import PLACEABLE
 from cl_vla.errors import CLVLAError
 
 GB = 1024**3
@@ -102,13 +103,53 @@ class Plan:
     device: str = "cuda"
     #: FSDP over this many GPUs (1: one device holds everything, as under DDP on each GPU).
     shards: int = 1
+    #: ``algorithm.state_dtype`` / ``state_device`` (EWC, online EWC, SI; cl_vla.algorithms.state_placement).
+    state_dtype: str = "float32"
+    state_device: str = "params"
 
     @property
-    def state_bytes(self) -> float:
+    def _placeable(self) -> float:
+        """fp32 bytes of the state that ``state_dtype`` / ``state_device`` apply to (SI's running
+        omega, one of its four tensors, stays fp32 with the parameters)."""
+        if self.algorithm not in PLACEABLE:
+            return 0.0
+        full = self._rule_bytes
+        return full * 3 / 4 if self.algorithm == "si" else full
+
+    @property
+    def _rule_bytes(self) -> float:
         m = self.model
         return RULES[self.algorithm][1](
             m.trainable, m.total, self.tasks, {**self.hparams, "lora_params": m.lora_params}
         )
+
+    @property
+    def state_bytes(self) -> float:
+        """The CL state in all, in the precision it is kept in, wherever it is kept."""
+        scale = 0.5 if self.state_dtype == "bfloat16" else 1.0
+        return self._rule_bytes - self._placeable * (1 - scale)
+
+    @property
+    def host_state_bytes(self) -> float:
+        """The part kept in pinned host memory (``state_device=cpu``)."""
+        return self._placeable * (0.5 if self.state_dtype == "bfloat16" else 1.0) if self._offloaded else 0.0
+
+    @property
+    def device_state_bytes(self) -> float:
+        """The CL state on the training device. With host state, what a step brings over: one task's
+        Fisher and anchor upcast plus the penalty's gradient sum (EWC), Omega and the anchor (SI)."""
+        if not self._offloaded:
+            return self.state_bytes
+        P = self.model.trainable
+        return (
+            self.state_bytes - self.host_state_bytes + 3 * FP32 * P
+            if self.algorithm != "si"
+            else (self.state_bytes - self.host_state_bytes + 2 * FP32 * P)
+        )
+
+    @property
+    def _offloaded(self) -> bool:
+        return self.state_device == "cpu" and self.algorithm in PLACEABLE
 
     @property
     def training_bytes(self) -> float:
@@ -118,7 +159,8 @@ class Plan:
 
     @property
     def total_bytes(self) -> float:
-        return self.state_bytes + self.training_bytes
+        """Device memory on one device (CL state there + training memory)."""
+        return self.device_state_bytes + self.training_bytes
 
     @property
     def reference_bytes(self) -> float:
@@ -131,12 +173,16 @@ class Plan:
         gradients, optimizer and per-parameter CL state (references stay whole on every rank)."""
         if self.shards <= 1:
             return self.total_bytes
-        sharded = self.training_bytes + self.state_bytes - self.reference_bytes
+        sharded = self.training_bytes + self.device_state_bytes - self.reference_bytes
         return sharded / self.shards + self.reference_bytes
 
     def sharded(self, gpus: int) -> Plan:
         """This plan under ``trainer.strategy=fsdp`` over ``gpus`` GPUs."""
-        return Plan(self.model, self.algorithm, self.tasks, self.hparams, self.device, shards=gpus)
+        return replace(self, shards=gpus)
+
+    def placed(self, dtype: str | None = None, device: str | None = None) -> Plan:
+        """This plan with the state kept in ``dtype`` and/or on ``device``."""
+        return replace(self, state_dtype=dtype or self.state_dtype, state_device=device or self.state_device)
 
     def lines(self) -> list[str]:
         m = self.model
@@ -144,7 +190,7 @@ class Plan:
         return [
             f"memory plan: {m.name} ({_count(m.total)} parameters, {_count(m.trainable)} train), "
             f"algorithm={self.algorithm}, {self.tasks} tasks",
-            f"  CL state: {_fmt(self.state_bytes)} in fp32 on the training device ({self.device}): {what}",
+            f"  CL state: {_fmt(self.state_bytes)} ({self._where()}): {what}",
             f"  training: {_fmt(self.training_bytes)} "
             "(fp32 weights, gradients, AdamW moments; activations not counted)",
             f"  total:    {_fmt(self.total_bytes)}",
@@ -155,16 +201,36 @@ class Plan:
             ),
         ]
 
+    def _where(self) -> str:
+        dtype = "bf16" if self.state_dtype == "bfloat16" else "fp32"
+        if self._offloaded:
+            return (
+                f"{dtype}; {_fmt(self.host_state_bytes)} in pinned host memory, "
+                f"{_fmt(self.device_state_bytes)} on the {self.device} device in a step"
+            )
+        return f"{dtype}, on the training device ({self.device})"
+
     def fit_option(self, capacity: float, gpus: int = 1) -> str:
         """``"fits"``, else the first option that makes it fit ``gpus`` GPUs of ``capacity`` bytes each,
-        else ``"none"``. In order: as configured (one GPU's worth on each), FSDP over the GPUs (what
-        trains and the algorithm unchanged), then the options that change the experiment, alone and
-        under FSDP."""
+        else ``"none"``. In order, first those that keep the algorithm and what trains: as configured
+        (one GPU's worth on each), bf16 state, FSDP over the GPUs (with bf16 state), state in host
+        memory (not under FSDP); then those that change the experiment, alone and under FSDP."""
         if self.per_gpu_bytes <= capacity:
             return "fits"
         can_shard = gpus > 1 and fsdp_supported(self.algorithm)
-        if can_shard and self.sharded(gpus).per_gpu_bytes <= capacity:
-            return f"FSDP x {gpus}"
+        bf16 = "algorithm.state_dtype=bfloat16"
+        same: list[tuple[str, Plan]] = []
+        if self.algorithm in PLACEABLE and self.state_dtype != "bfloat16":
+            same.append((bf16, self.placed(dtype="bfloat16")))
+        if can_shard:
+            same.append((f"FSDP x {gpus}", self.sharded(gpus)))
+            if self.algorithm in PLACEABLE and self.state_dtype != "bfloat16":
+                same.append((f"FSDP x {gpus} + {bf16}", self.sharded(gpus).placed(dtype="bfloat16")))
+        if self.algorithm in PLACEABLE and self.state_device != "cpu":
+            same.append(("algorithm.state_device=cpu", self.placed(device="cpu")))
+        for label, plan in same:
+            if plan.per_gpu_bytes <= capacity:
+                return label
         for label, plan in self.alternatives():
             if plan.per_gpu_bytes <= capacity:
                 return label
@@ -317,7 +383,8 @@ def plan_for_run(cfg: Any, policy: Any, tasks: int) -> Plan:
         size.lora_params = sum(p.numel() for _, p in lora_parameters(policy)) or size.trainable
     device, _ = device_capacity(str(cfg.trainer.accelerator))
     rule = rule_name(algo, hparams)
-    return Plan(size, rule, tasks, dict(hparams), device, shards=fsdp_shards(cfg, device))
+    placement = {k: str(hparams[k]) for k in ("state_dtype", "state_device") if hparams.get(k) is not None}
+    return Plan(size, rule, tasks, dict(hparams), device, shards=fsdp_shards(cfg, device), **placement)
 
 
 def fsdp_shards(cfg: Any, device: str) -> int:
@@ -419,7 +486,8 @@ def main(argv: list[str] | None = None) -> None:
         size = _count_configured(cfg)
     device, capacity = device_capacity(str(cfg.trainer.accelerator))
     hparams = OmegaConf.to_container(cfg.algorithm, resolve=True)
-    plan = Plan(size, algo, len(seq.tasks), hparams, device, shards=fsdp_shards(cfg, "cuda"))
+    placement = {k: str(hparams[k]) for k in ("state_dtype", "state_device") if hparams.get(k) is not None}
+    plan = Plan(size, algo, len(seq.tasks), hparams, device, shards=fsdp_shards(cfg, "cuda"), **placement)
     for line in plan.lines():
         print(line)
     for label, alt in plan.alternatives():
