@@ -41,7 +41,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.ddp]
 
 #: The algorithms that run under FSDP; the others are refused in one sentence (tests/test_config.py).
 # ER and multitask share sequential's path (references only), online EWC separate EWC's: left out for time.
-SHARDED = ["sequential", "derpp", "agem", "gem", "mir", "ewc", "si"]
+SHARDED = ["sequential", "derpp", "agem", "gem", "mir", "ewc", "si", "lwf"]
 TRAINERS = ("ddp_cpu", "fsdp_cpu")
 TIMEOUT_S = 900
 RTOL, ATOL = 1e-4, 1e-5
@@ -85,6 +85,14 @@ def _rank(rank: int, port: int, root: str, repo_id: str, out: str) -> None:
 def _record_shards(algorithm, run_dir: Path, rank: int, is_dtensor) -> None:
     """Each per-parameter tensor the algorithm holds: whether a shard, its local and global sizes."""
     held = {}
+    teacher = getattr(algorithm, "_sharded", None)  # LwF's teacher, as shards of the student
+    if teacher is not None:
+        for name, t in teacher.params.items():
+            held[f"teacher/{name}"] = [
+                is_dtensor(t),
+                t.to_local().numel() if is_dtensor(t) else t.numel(),
+                t.numel(),
+            ]
     for store in ("_importance", "_anchor", "_big_omega", "_omega"):
         value = getattr(algorithm, store, None)
         if not isinstance(value, dict):
@@ -146,7 +154,7 @@ def test_fsdp_matches_ddp_and_shards_the_state(synthetic_libero, tmp_path: Path)
             assert is_shard and local + other == full, (
                 f"{algo}: {name} is not split over the ranks ({local}+{other} of {full})"
             )
-        if algo in ("ewc", "ewc_online", "si"):
+        if algo in ("ewc", "ewc_online", "si", "lwf"):
             assert shards[0], f"{algo} holds no per-parameter state after two tasks"
 
 

@@ -302,8 +302,8 @@ def test_memory_plan_counts_the_real_models_on_the_meta_device():
     gem = Plan(pi0, "gem", 10, {"memory_per_task": 256})
     refs = 8 * 10 * 256  # dataset references stay whole on every rank
     assert gem.sharded(8).per_gpu_bytes == pytest.approx((gem.total_bytes - refs) / 8 + refs)
-    # LwF is not sharded yet: it is never offered FSDP.
-    assert Plan(pi0, "lwf", 10).fit_option(60 * GB, gpus=8) != "FSDP x 8"
+    # PackNet is not sharded yet: it is never offered FSDP.
+    assert Plan(pi0, "packnet", 10).fit_option(60 * GB, gpus=8) == "train_expert_only"
     # State precision and place: bf16 halves what they apply to (SI's running omega stays fp32).
     online = Plan(pi0, "ewc_online", 10)
     assert online.placed(dtype="bfloat16").state_bytes == online.state_bytes / 2

@@ -15,6 +15,8 @@ import torch
 from torch import Tensor
 
 from cl_vla.algorithms.base import CLAlgorithm, TaskContext
+from cl_vla.algorithms.sharded import any_sharded
+from cl_vla.algorithms.sharded_teacher import ShardedTeacher
 
 ACTION_PRED = "action_pred"
 ACTION_IS_PAD = "action_is_pad"
@@ -94,6 +96,9 @@ class LwF(CLAlgorithm):
 
         loss = policy_loss(batch) + alpha * mean_b distill(student(batch)_b, teacher(batch)_b)
 
+    Under FSDP the teacher is held as shards of the student's parameters
+    (:class:`~cl_vla.algorithms.sharded_teacher.ShardedTeacher`), 1/N on each rank.
+
     The teacher is the policy as it was at the end of the previous task (deep-copied, eval mode, no
     gradients); task 0 trains without the term. Policies without ``compute_outputs`` get a one-sentence
     ``TypeError`` at the first penalised step.
@@ -116,6 +121,7 @@ class LwF(CLAlgorithm):
             raise ValueError(f"distill must be 'l2' or 'l1', got {distill!r}.")
         self.distill = distill
         self._teacher: torch.nn.Module | None = None
+        self._sharded: ShardedTeacher | None = None  # under FSDP: the teacher as shards of the student
         # Teacher weights restored from a checkpoint before the policy exists to copy the architecture.
         self._pending_teacher: dict[str, Tensor] | None = None
         self._policy: torch.nn.Module | None = None
@@ -125,7 +131,7 @@ class LwF(CLAlgorithm):
 
     @property
     def has_teacher(self) -> bool:
-        return self._teacher is not None or self._pending_teacher is not None
+        return self._teacher is not None or self._pending_teacher is not None or self._sharded is not None
 
     @staticmethod
     def _freeze(policy: torch.nn.Module) -> torch.nn.Module:
@@ -138,8 +144,11 @@ class LwF(CLAlgorithm):
     def snapshot(self, policy: torch.nn.Module) -> None:
         """Make a frozen copy of ``policy`` the teacher (replacing any previous one)."""
         self._policy = policy
-        self._teacher = self._freeze(policy)
         self._pending_teacher = None
+        if any_sharded(list(policy.parameters())):
+            self._teacher, self._sharded = None, ShardedTeacher.snapshot(policy)
+        else:
+            self._teacher, self._sharded = self._freeze(policy), None
 
     def _build_pending(self, policy: torch.nn.Module | None) -> None:
         if self._pending_teacher is None:
@@ -163,9 +172,25 @@ class LwF(CLAlgorithm):
         self._teacher.eval()
         return self._teacher
 
-    @torch.inference_mode()
     def teacher_outputs(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
         """The teacher's action chunk on a preprocessed ``batch`` (empty dict before the first task end)."""
+        policy = self._policy
+        if policy is not None and any_sharded(list(policy.parameters())):
+            if self._sharded is None and (self._teacher is not None or self._pending_teacher is not None):
+                # Built (or restored) before FSDP sharded the student: kept from now on as shards.
+                self._build_pending(policy)
+                assert self._teacher is not None
+                self._sharded = ShardedTeacher.from_full(policy, self._teacher.state_dict())
+                self._teacher = None
+            if self._sharded is not None:
+                with self._sharded.swapped_in(policy), torch.no_grad():
+                    pred = action_chunk(policy, batch).detach().clone()
+                self._last_teacher = {ACTION_PRED: pred}
+                return self._last_teacher
+        with torch.inference_mode():
+            return self._unsharded_teacher_outputs(batch)
+
+    def _unsharded_teacher_outputs(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
         device = _batch_device(batch, self._policy)
         teacher = self._ready_teacher(device)
         if teacher is None:
@@ -216,7 +241,9 @@ class LwF(CLAlgorithm):
 
     def state_dict(self) -> dict[str, Any]:
         """Hyperparameters and the teacher's weights (CPU tensors; ``None`` before the first task end)."""
-        if self._teacher is not None:
+        if self._sharded is not None and self._policy is not None:
+            teacher = self._sharded.state_dict(self._policy)  # gathered: every rank calls state_dict
+        elif self._teacher is not None:
             teacher = {k: v.detach().to("cpu", copy=True) for k, v in self._teacher.state_dict().items()}
         elif self._pending_teacher is not None:
             teacher = {k: v.clone() for k, v in self._pending_teacher.items()}
@@ -242,7 +269,7 @@ class LwF(CLAlgorithm):
         if teacher is not None and not all(isinstance(v, Tensor) for v in teacher.values()):
             raise ValueError("LwF state's teacher must map parameter names to tensors.")
         self.alpha, self.distill = alpha, state["distill"]
-        self._teacher, self._last_teacher = None, {}
+        self._teacher, self._sharded, self._last_teacher = None, None, {}
         self._pending_teacher = None if teacher is None else {k: v.clone() for k, v in teacher.items()}
         if self._policy is not None:
             self._build_pending(self._policy)

@@ -1,7 +1,7 @@
 """Checks of the ``trainer`` group's distributed settings, before any data or model is built.
 
 ``trainer.strategy=fsdp`` (:mod:`cl_vla.training.fsdp`) shards the policy and every algorithm's
-per-parameter state. Three algorithms do not run sharded yet; they, and the settings FSDP cannot take,
+per-parameter state. Two algorithms do not run sharded yet; they, and the settings FSDP cannot take,
 are refused here in one sentence instead of failing inside the first fit.
 """
 
@@ -15,7 +15,6 @@ MIXED_PRECISION = ("none", "bf16")
 
 #: Algorithms refused under FSDP, with why (what would have to be sharded first).
 FSDP_UNSUPPORTED = {
-    "lwf": "its teacher is a deep copy of the policy, which FSDP does not allow",
     "packnet": "its pruning sorts each whole weight, which would need a quantile across shards",
     "lora_per_task": "it adds adapters to the policy at every task, after FSDP has sharded it",
 }

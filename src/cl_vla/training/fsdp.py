@@ -102,7 +102,7 @@ def shard_policy(policy: nn.Module, mesh: Any, mixed_precision: str = "none") ->
     # Methods other than forward that run the policy (evaluation, export) must gather its root too.
     from torch.distributed.fsdp import register_fsdp_forward_method
 
-    for method in ("select_action", "predict_action_chunk"):
+    for method in ("select_action", "predict_action_chunk", "compute_outputs"):
         if callable(getattr(policy, method, None)):
             register_fsdp_forward_method(policy, method)
     return units
