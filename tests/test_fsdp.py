@@ -175,9 +175,9 @@ def _kill_args(root, repo_id, extra=()) -> list[str]:
         "data.batch_size=4",
         "model.image_size=16",
         "trainer.warmup_steps=2",
-        "continual_learning.steps_per_task=12",
+        "continual_learning.steps_per_task=8",
         "continual_learning.export_per_task=false",
-        "trainer.checkpoint_every_n_steps=3",
+        "trainer.checkpoint_every_n_steps=2",
         "logger=none",
         *extra,
     ]
@@ -206,7 +206,7 @@ def test_sigkill_mid_task_under_fsdp_resumes_exactly(synthetic_libero, tmp_path:
             state = json.loads(state_file.read_text())
         except (FileNotFoundError, json.JSONDecodeError):
             state = None
-        if state and state["checkpoint"] == "last.ckpt" and state["task"] == 1 and state["step_in_task"] >= 6:
+        if state and state["checkpoint"] == "last.ckpt" and state["task"] == 1 and state["step_in_task"] >= 4:
             os.killpg(proc.pid, signal.SIGKILL)
             killed_at = (state["task"], state["step_in_task"])
             break

@@ -203,7 +203,9 @@ def test_terminal_summary() -> None:
     table = format_matrix_table(R, NAMES, metrics)
     assert len(table.columns) == 4 and table.row_count == 3
     assert "ACC 0.750" in str(table.caption) and "BWT -0.200" in str(table.caption)
-    assert format_metrics_table(metrics).row_count == 12  # LIBERO FWT/AUC in both conventions
+    # LIBERO FWT/AUC in both conventions, NBT as the paper writes it and as LIBERO's code computes it
+    rows = format_metrics_table(metrics)
+    assert rows.row_count == 13 and "LIBERO NBT (code)" in str(rows.columns[0]._cells)
 
     console = Console(record=True, width=120, color_system=None)
     print_summary(console, R, NAMES, metrics)
