@@ -114,7 +114,9 @@ def reshard(policy: nn.Module) -> None:
     FSDP keeps the root unit's parameters gathered after the forward (its backward would gather them
     again at once), so between the forward and the backward ``named_parameters()`` would give full
     tensors, where every algorithm's state is sharded. Resharding costs one more gather of the root's
-    (small: the blocks are their own units) parameters in the backward."""
+    parameters in the backward: small for tiny_vla and GR00T (their blocks are units), a large part of
+    SmolVLA and pi0 (their attention projections and embeddings stay in the root; see
+    ``PIECEWISE_LAYERS``), a cost still to be measured on GPUs."""
     from cl_vla.algorithms.sharded import reshard as reshard_module
 
     reshard_module(policy)
