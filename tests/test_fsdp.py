@@ -15,8 +15,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 import traceback
 from pathlib import Path
@@ -26,16 +24,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from conftest import (
-    REPO_ROOT,
-    TEST_ENV,
-    free_port,
-    in_process_overrides,
-    join_ranks,
-    last_line,
-    run_train,
-    synthetic_overrides,
-)
+from conftest import TEST_ENV, free_port, in_process_overrides, join_ranks
 
 pytestmark = [pytest.mark.slow, pytest.mark.ddp]
 
@@ -47,7 +36,8 @@ TIMEOUT_S = 900
 RTOL, ATOL = 1e-4, 1e-5
 
 
-def _rank(rank: int, port: int, root: str, repo_id: str, out: str) -> None:
+def _join(rank: int, port: int) -> None:
+    """This spawned process as rank ``rank`` of a 2-process group Lightning joins instead of launching."""
     os.environ.update(
         TEST_ENV,
         MASTER_ADDR="127.0.0.1",
@@ -56,6 +46,10 @@ def _rank(rank: int, port: int, root: str, repo_id: str, out: str) -> None:
         NODE_RANK="0",
         WORLD_SIZE="2",
     )
+
+
+def _rank(rank: int, port: int, root: str, repo_id: str, out: str) -> None:
+    _join(rank, port)
     from rich.console import Console
 
     from cl_vla.algorithms.sharded import is_dtensor
@@ -158,69 +152,84 @@ def test_fsdp_matches_ddp_and_shards_the_state(synthetic_libero, tmp_path: Path)
             assert shards[0], f"{algo} holds no per-parameter state after two tasks"
 
 
-def _kill_args(root, repo_id, extra=()) -> list[str]:
-    from cl_vla.data.task_sequences import get_task_sequence
-
-    tasks = list(get_task_sequence("libero_spatial").tasks[:2])
+def _kill_overrides(root: str, repo_id: str) -> list[str]:
+    """EWC under FSDP with a checkpoint every 2 steps: the run the kill test cuts, and its reference."""
     return [
+        *in_process_overrides("ewc", root, repo_id, "fsdp_kill2", steps=8),
         "trainer=fsdp_cpu",
-        "algorithm=ewc",
-        "algorithm.fisher_samples=8",
-        "task_sequence=custom",
-        "task_sequence.name=fsdp_resume2",
-        "task_sequence.tasks=[" + ",".join(f"'{t}'" for t in tasks) + "]",
-        *synthetic_overrides(root, repo_id),
-        "trainer.progress_bar=false",
-        "data.num_workers=0",
-        "data.batch_size=4",
-        "model.image_size=16",
         "trainer.warmup_steps=2",
-        "continual_learning.steps_per_task=8",
+        "algorithm.fisher_samples=8",
         "continual_learning.export_per_task=false",
         "trainer.checkpoint_every_n_steps=2",
-        "logger=none",
-        *extra,
     ]
 
 
+def _kill_rank(rank: int, port: int, root: str, repo_id: str, out: str, resume: str | None) -> None:
+    """One uninterrupted run (``resume=None``), or the resume of a cut one, in this spawned rank."""
+    _join(rank, port)
+    from cl_vla.training.in_process import run_in_process
+
+    extra = [f"resume={resume}"] if resume else []
+    try:
+        run_in_process([*_kill_overrides(root, repo_id), *extra], Path(out))
+    except Exception:
+        (Path(out).parent / f"error_kill_rank{rank}.txt").write_text(traceback.format_exc())
+        raise
+
+
+def _spawn(target, tmp_path: Path, *args) -> None:
+    ctx = mp.start_processes(target, args=(free_port(), *args), nprocs=2, join=False, start_method="spawn")
+    join_ranks(ctx, tmp_path, TIMEOUT_S)
+
+
 def test_sigkill_mid_task_under_fsdp_resumes_exactly(synthetic_libero, tmp_path: Path) -> None:
-    """Both FSDP ranks killed mid-task (the run's whole process group), then ``resume=``: the same R and
-    final weights as the uninterrupted run, bit for bit; a resume on another world size is refused."""
+    """Both FSDP ranks killed (SIGKILL) mid-task, then ``resume=``: the same R and final weights as the
+    uninterrupted run, bit for bit; a resume on another world size is refused in one sentence."""
+    from cl_vla.config.fingerprint import ResumeMismatch
+    from cl_vla.training.in_process import run_in_process
+
     root, repo_id, _ = synthetic_libero
     ref_dir, cut_dir = tmp_path / "ref", tmp_path / "cut"
-    ref = run_train([*_kill_args(root, repo_id), f"hydra.run.dir={ref_dir}"], timeout=400)
-    assert ref.returncode == 0, ref.stderr[-3000:]
+    _spawn(_kill_rank, tmp_path, str(root), repo_id, str(ref_dir), None)
 
-    proc = subprocess.Popen(
-        [sys.executable, str(REPO_ROOT / "train.py"), *_kill_args(root, repo_id), f"hydra.run.dir={cut_dir}"],
-        cwd=REPO_ROOT,
-        env={**os.environ, **TEST_ENV},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,  # the launcher's second rank too
+    ctx = mp.start_processes(
+        _kill_rank,
+        args=(free_port(), str(root), repo_id, str(cut_dir), None),
+        nprocs=2,
+        join=False,
+        start_method="spawn",
     )
     state_file = cut_dir / "checkpoints" / "state.json"
-    deadline, killed_at = time.time() + 400, None
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            state = json.loads(state_file.read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            state = None
-        if state and state["checkpoint"] == "last.ckpt" and state["task"] == 1 and state["step_in_task"] >= 4:
-            os.killpg(proc.pid, signal.SIGKILL)
-            killed_at = (state["task"], state["step_in_task"])
-            break
-        time.sleep(0.02)
-    proc.wait()
+    deadline, killed_at = time.time() + TIMEOUT_S, None
+    try:
+        while time.time() < deadline and all(p.is_alive() for p in ctx.processes):
+            try:
+                state = json.loads(state_file.read_text())
+            except (FileNotFoundError, json.JSONDecodeError):
+                state = None
+            if (
+                state
+                and state["checkpoint"] == "last.ckpt"
+                and state["task"] == 1
+                and state["step_in_task"] >= 4
+            ):
+                for p in ctx.processes:
+                    os.kill(p.pid, signal.SIGKILL)
+                killed_at = (state["task"], state["step_in_task"])
+                break
+            time.sleep(0.02)
+    finally:
+        for p in ctx.processes:
+            p.join(timeout=30)
     assert killed_at is not None, "the run ended before a mid-task checkpoint of task 1 appeared"
     assert not (cut_dir / "results.json").exists()
 
-    other = run_train([*_kill_args(root, repo_id, ["trainer.devices=1"]), f"resume={cut_dir}"])
-    assert other.returncode == 2 and "trainer.devices" in last_line(other.stderr), other.stderr[-2000:]
+    with pytest.raises(ResumeMismatch, match=r"trainer\.devices") as refused:
+        overrides = [*_kill_overrides(str(root), repo_id), "trainer.devices=1", f"resume={cut_dir}"]
+        run_in_process(overrides, tmp_path / "other")
+    assert "\n" not in str(refused.value)
 
-    resumed = run_train([*_kill_args(root, repo_id), f"resume={cut_dir}"], timeout=400)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resuming" in resumed.stdout and "at task 2/2" in resumed.stdout, resumed.stdout[-2000:]
+    _spawn(_kill_rank, tmp_path, str(root), repo_id, str(tmp_path / "resumed"), str(cut_dir))
     R = [np.array(json.loads((d / "results.json").read_text())["matrix"], float) for d in (ref_dir, cut_dir)]
     np.testing.assert_array_equal(R[1], R[0])
     w_ref, w_cut = (

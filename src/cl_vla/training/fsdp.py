@@ -131,8 +131,17 @@ def full_state_dict(policy: nn.Module) -> dict[str, torch.Tensor] | None:
 
     state = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     # Each in its own storage: a gathered tensor can be a view into a larger buffer (pi0's lm_head),
-    # which safetensors refuses to write.
-    return {k: v.clone() for k, v in state.items()}
+    # which safetensors refuses to write. Tied weights (GR00T's embeddings and head) stay one tensor, so
+    # the export drops the duplicate name as it does for an unsharded policy.
+    first: dict[int, str] = {}
+    alias = {n: first.setdefault(id(p), n) for n, p in policy.named_parameters(remove_duplicate=False)}
+    made: dict[str, torch.Tensor] = {}
+    for k, v in state.items():
+        source = alias.get(k, k)
+        if source not in made:
+            made[source] = v.clone()
+        state[k] = made[source]
+    return state
 
 
 def build_strategy(devices: int, num_nodes: int) -> Any:
