@@ -112,14 +112,7 @@ def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 def test_fsdp_matches_ddp_and_shards_the_state(synthetic_libero, tmp_path: Path) -> None:
     root, repo_id, _ = synthetic_libero
-    ctx = mp.start_processes(
-        _rank,
-        args=(free_port(), str(root), repo_id, str(tmp_path)),
-        nprocs=2,
-        join=False,
-        start_method="spawn",
-    )
-    join_ranks(ctx, tmp_path, TIMEOUT_S)
+    _spawn(_rank, tmp_path, str(root), repo_id, str(tmp_path))
 
     for algo in SHARDED:
         runs = {t: tmp_path / t / algo for t in TRAINERS}

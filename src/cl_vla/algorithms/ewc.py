@@ -14,7 +14,8 @@ The squared-gradient accumulation the Fisher is made of is in :mod:`cl_vla.algor
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -24,10 +25,10 @@ from torch.utils.data import Subset
 
 from cl_vla.algorithms.base import CLAlgorithm, TaskContext, rank_and_world
 from cl_vla.algorithms.fisher import (
-    _batch_len,
-    _slice_sample,
     add_batch_square_grads,
     add_per_sample_square_grads,
+    batch_len,
+    slice_sample,
 )
 from cl_vla.algorithms.parameters import trainable_parameters
 from cl_vla.algorithms.quadratic_penalty import quadratic_penalty, streamed_quadratic_penalty
@@ -58,6 +59,21 @@ def _finite_at_least_zero(value: Any) -> bool:
         return math.isfinite(float(value)) and float(value) >= 0.0
     except (TypeError, ValueError):
         return False
+
+
+@contextmanager
+def _fisher_mode(policy: nn.Module, any_param: Tensor) -> Iterator[None]:
+    """Eval mode (dropout off, batch statistics frozen) and a forked RNG seeded with ``_FISHER_SEED``:
+    the same Fisher on every run, and training's random stream untouched; the mode restored after."""
+    was_training = policy.training
+    policy.eval()
+    devices = [any_param.device.index or 0] if any_param.device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices), torch.enable_grad():
+            torch.manual_seed(_FISHER_SEED)
+            yield
+    finally:
+        policy.train(was_training)
 
 
 class EWC(CLAlgorithm):
@@ -260,23 +276,16 @@ class EWC(CLAlgorithm):
         acc_dtype = torch.float64 if any(p.dtype == torch.float64 for p in params.values()) else torch.float32
         sums = {name: torch.zeros(p.shape, dtype=acc_dtype, device=p.device) for name, p in params.items()}
         count = 0
-        was_training = policy.training
-        policy.eval()
-        devices = [any_p.device.index or 0] if any_p.device.type == "cuda" else []
-        try:
-            with torch.random.fork_rng(devices=devices), torch.enable_grad():
-                torch.manual_seed(_FISHER_SEED)
-                for batch in loader:
-                    if self.fisher == "batch":
-                        add_batch_square_grads(compute_loss, params, batch, sums)
-                        count += 1
-                    else:
-                        size, self._vmap_ok = add_per_sample_square_grads(
-                            policy, compute_loss, params, batch, sums, self._vmap_ok
-                        )
-                        count += size
-        finally:
-            policy.train(was_training)
+        with _fisher_mode(policy, any_p):
+            for batch in loader:
+                if self.fisher == "batch":
+                    add_batch_square_grads(compute_loss, params, batch, sums)
+                    count += 1
+                else:
+                    size, self._vmap_ok = add_per_sample_square_grads(
+                        policy, compute_loss, params, batch, sums, self._vmap_ok
+                    )
+                    count += size
 
         # One flat all-reduce of every sum and the count: each rank ends with the global mean.
         flat = torch.cat(
@@ -317,19 +326,14 @@ class EWC(CLAlgorithm):
         sums = {name: torch.zeros_like(p.detach(), dtype=torch.float32) for name, p in params.items()}
         saved = {name: p.grad for name, p in params.items()}
         count = 0
-        was_training = policy.training
-        policy.eval()
-        any_p = next(iter(params.values()))
-        devices = [any_p.device.index or 0] if any_p.device.type == "cuda" else []
         try:
-            with torch.random.fork_rng(devices=devices), torch.enable_grad():
-                torch.manual_seed(_FISHER_SEED)
+            with _fisher_mode(policy, next(iter(params.values()))):
                 for batch in loader:
-                    size = _batch_len(batch)
+                    size = batch_len(batch)
                     pieces = (
                         [batch]
                         if self.fisher == "batch"
-                        else [_slice_sample(batch, i, size) for i in range(size)]
+                        else [slice_sample(batch, i, size) for i in range(size)]
                     )
                     for piece in pieces:
                         for p in params.values():
@@ -340,7 +344,6 @@ class EWC(CLAlgorithm):
                                 sums[name].add_(p.grad.detach().to(torch.float32).square())
                     count += 1 if self.fisher == "batch" else size
         finally:
-            policy.train(was_training)
             for name, p in params.items():
                 p.grad = saved[name]
         if count <= 0:

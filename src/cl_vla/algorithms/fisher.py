@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 
-def _slice_sample(batch: Mapping[str, Any], i: int, size: int) -> dict[str, Any]:
+def slice_sample(batch: Mapping[str, Any], i: int, size: int) -> dict[str, Any]:
     """Sample ``i`` of a collated batch as a batch of one (tensors and per-sample lists are sliced)."""
     out: dict[str, Any] = {}
     for k, v in batch.items():
@@ -29,7 +29,7 @@ def _slice_sample(batch: Mapping[str, Any], i: int, size: int) -> dict[str, Any]
     return out
 
 
-def _batch_len(batch: Mapping[str, Any]) -> int:
+def batch_len(batch: Mapping[str, Any]) -> int:
     for v in batch.values():
         if isinstance(v, Tensor) and v.dim() > 0:
             return int(v.shape[0])
@@ -77,7 +77,7 @@ def add_per_sample_square_grads(
     fails, one warning is issued, ``False`` is returned for the caller to keep, and a loop of
     single-sample gradient passes gives the same numbers more slowly.
     """
-    size = _batch_len(batch)
+    size = batch_len(batch)
     if try_vmap:
         # A failed attempt may have drawn random numbers (a flow-matching VLA's loss samples noise):
         # the loop starts from the same state, so a resumed run (which tries vmap again) draws what
@@ -104,7 +104,7 @@ def add_per_sample_square_grads(
             return size, True
     names, tensors = list(params), list(params.values())
     for i in range(size):
-        loss = compute_loss(_slice_sample(batch, i, size))[0].mean()
+        loss = compute_loss(slice_sample(batch, i, size))[0].mean()
         # autograd.grad, not backward: .grad stays untouched and DDP's gradient hooks never fire.
         grads = torch.autograd.grad(loss, tensors, allow_unused=True)
         for name, g in zip(names, grads, strict=True):
@@ -152,4 +152,10 @@ def vmap_square_grads(
     return out
 
 
-__all__ = ["add_batch_square_grads", "add_per_sample_square_grads", "vmap_square_grads"]
+__all__ = [
+    "add_batch_square_grads",
+    "add_per_sample_square_grads",
+    "batch_len",
+    "slice_sample",
+    "vmap_square_grads",
+]

@@ -66,6 +66,9 @@ class CLPolicyModule(L.LightningModule):
         self.load_extra: Callable[[dict], None] | None = None
         #: Called after every optimizer step with (task, step_in_task); the loop's periodic work.
         self.after_step: Callable[[int, int], None] | None = None
+        # Only an algorithm with a penalty reads the parameters between forward and backward: the others
+        # spare FSDP's root unit a second gather in every backward.
+        self._has_penalty = getattr(type(algorithm), "penalty", None) is not CLAlgorithm.penalty
         #: ``trainer.fsdp_mixed_precision`` under ``strategy=fsdp`` ("none" or "bf16").
         self.fsdp_mixed_precision = "none"
 
@@ -94,7 +97,9 @@ class CLPolicyModule(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss, outputs = self.compute_loss(batch)
         pre = outputs.pop("batch")
-        reshard(self.policy)  # the algorithm's hooks see every parameter as the shard it holds state for
+        if self._has_penalty:
+            # The penalty sees every parameter as the shard its state is held for (FSDP; no-op else).
+            reshard(self.policy)
         penalty = self.algorithm.penalty(self, pre, outputs)
         total = loss if penalty is None else loss + penalty
         if not torch.isfinite(total.detach()):
