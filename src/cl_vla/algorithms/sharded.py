@@ -66,15 +66,25 @@ def global_sum(partial: Tensor, sharded: bool) -> Tensor:
     return total + (partial - partial.detach())  # the value is exactly ``total``
 
 
+def is_sharded(module: object) -> bool:
+    """Whether ``fully_shard`` has been applied to ``module`` (an FSDP module)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
 def reshard(module: object) -> None:
     """Register an FSDP module's parameters as their shards again (a no-op for any other module).
 
-    FSDP keeps its root unit's parameters gathered after a forward; an algorithm that edits shards in
-    place (MIR's virtual step) reshards first, so the next forward gathers the edited values."""
-    from torch.distributed.fsdp import FSDPModule
-
-    if isinstance(module, FSDPModule):
-        module.reshard()
+    FSDP keeps its root unit's parameters gathered after a forward (its backward would gather them again
+    at once), so between a forward and the backward ``named_parameters()`` gives full tensors where every
+    algorithm's state is sharded; an algorithm that edits shards in place (MIR's virtual step, LwF's
+    teacher) reshards so the next forward gathers the edited values. Costs one more gather of the root's
+    parameters in the backward: small for tiny_vla and GR00T (their blocks are units), a large part of
+    SmolVLA and pi0 (their attention projections and embeddings stay in the root; see
+    ``cl_vla.training.fsdp.PIECEWISE_LAYERS``), a cost still to be measured on GPUs."""
+    if is_sharded(module):
+        module.reshard()  # type: ignore[attr-defined]
 
 
 def any_sharded(tensors: list[Tensor] | tuple[Tensor, ...]) -> bool:
@@ -82,4 +92,4 @@ def any_sharded(tensors: list[Tensor] | tuple[Tensor, ...]) -> bool:
     return any(is_dtensor(t) for t in tensors)
 
 
-__all__ = ["any_sharded", "gathered", "global_sum", "is_dtensor", "like", "local", "reshard"]
+__all__ = ["any_sharded", "gathered", "global_sum", "is_dtensor", "is_sharded", "like", "local", "reshard"]

@@ -80,8 +80,6 @@ def check_strategy(cfg: Any) -> None:
             f"trainer.devices={devices!r} is not allowed under trainer.strategy=fsdp; give a number of "
             "processes per node (or -1 for every GPU)."
         )
-    if int(t.num_nodes) < 1:
-        raise ConfigError(f"trainer.num_nodes={t.num_nodes} is not allowed; it must be at least 1.")
 
 
 __all__ = ["FSDP_UNSUPPORTED", "MIXED_PRECISION", "check_state_options", "check_strategy"]

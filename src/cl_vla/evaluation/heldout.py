@@ -18,9 +18,9 @@ import torch
 import torch.distributed as dist
 
 from cl_vla.algorithms.base import rank_and_world
+from cl_vla.algorithms.sharded import is_sharded
 from cl_vla.data.datamodule import ContinualDataModule
 from cl_vla.errors import CLVLAError
-from cl_vla.training.fsdp import is_sharded
 from cl_vla.training.module import CLPolicyModule
 
 

@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 
 from cl_vla.algorithms.base import CLAlgorithm, TaskContext
 from cl_vla.algorithms.memory_prefetch import memory_workers
+from cl_vla.algorithms.sharded import reshard
 from cl_vla.data.datamodule import ContinualDataModule
 from cl_vla.data.stats import NormalizationChoice, flatten_stats, select_stats, unflatten_stats
 from cl_vla.data.streams import ContinualData
@@ -31,7 +32,6 @@ from cl_vla.training.checkpointing import (
     set_rng_state,
     state_digests,
 )
-from cl_vla.training.fsdp import reshard
 from cl_vla.training.module import CLPolicyModule
 from cl_vla.training.run_dir import RunHandle, record_dataset
 from cl_vla.training.trainer import build_trainer

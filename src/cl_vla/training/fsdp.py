@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from cl_vla.algorithms.sharded import is_sharded
+
 #: Class names of the blocks that become one FSDP unit each: tiny_vla's encoders, and the transformer
 #: layers of the hub VLAs as lerobot 0.6.1 builds them (SmolVLA: Llama text and expert layers, SmolVLM's
 #: vision layers; pi0 / pi0.5: lerobot's PiGemma layers and SigLIP's; GR00T N1.7: Qwen3-VL's text and
@@ -73,13 +75,6 @@ def shard_units(policy: nn.Module) -> list[str]:
     return out
 
 
-def is_sharded(module: nn.Module) -> bool:
-    """Whether ``fully_shard`` has been applied to ``module``."""
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(module, FSDPModule)
-
-
 def shard_policy(policy: nn.Module, mesh: Any, mixed_precision: str = "none") -> list[str]:
     """Apply ``fully_shard`` to every block of ``policy`` (innermost first), then to ``policy`` itself.
 
@@ -106,20 +101,6 @@ def shard_policy(policy: nn.Module, mesh: Any, mixed_precision: str = "none") ->
         if callable(getattr(policy, method, None)):
             register_fsdp_forward_method(policy, method)
     return units
-
-
-def reshard(policy: nn.Module) -> None:
-    """Register a sharded policy's parameters as their shards again (a no-op otherwise).
-
-    FSDP keeps the root unit's parameters gathered after the forward (its backward would gather them
-    again at once), so between the forward and the backward ``named_parameters()`` would give full
-    tensors, where every algorithm's state is sharded. Resharding costs one more gather of the root's
-    parameters in the backward: small for tiny_vla and GR00T (their blocks are units), a large part of
-    SmolVLA and pi0 (their attention projections and embeddings stay in the root; see
-    ``PIECEWISE_LAYERS``), a cost still to be measured on GPUs."""
-    from cl_vla.algorithms.sharded import reshard as reshard_module
-
-    reshard_module(policy)
 
 
 def full_state_dict(policy: nn.Module) -> dict[str, torch.Tensor] | None:
@@ -200,8 +181,6 @@ __all__ = [
     "UNIT_CLASSES",
     "build_strategy",
     "full_state_dict",
-    "is_sharded",
     "is_unit",
-    "reshard",
     "shard_policy",
 ]

@@ -16,8 +16,8 @@ import lightning as L
 import torch
 
 from cl_vla.algorithms.base import CLAlgorithm
+from cl_vla.algorithms.sharded import reshard
 from cl_vla.errors import CLVLAError
-from cl_vla.training.fsdp import reshard
 
 
 class NonFiniteLossError(CLVLAError):
